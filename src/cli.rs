@@ -1,0 +1,123 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Ship build artifacts to fleets of hosts and roll them out safely.
+#[derive(Debug, Parser)]
+#[command(name = "fleetwave", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create an ed25519 signing key: the secret key in FILE (mode 0600), the public key in
+    /// FILE.pub.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, env = "FLEETWAVE_KEY_OUT")]
+        out: PathBuf,
+    },
+    /// Pack, chunk, hash and sign an artifact, and upload the chunks the origin lacks.
+    Publish(PublishArgs),
+    /// Re-hash every chunk and the whole artifact of a stored manifest, and check its signature.
+    Verify {
+        /// Manifest id (or a unique prefix of at least 8 hex digits), or SERVICE@VERSION.
+        manifest: String,
+        #[command(flatten)]
+        origin: OriginArg,
+        /// Public key file(s) to trust; the manifest must be signed by one of them.
+        #[arg(long = "trust", env = "FLEETWAVE_TRUST", value_delimiter = ',')]
+        trust: Vec<PathBuf>,
+    },
+    /// Show a stored manifest: sizes, hashes, chunk-size distribution, build metadata, and what
+    /// it shares with another manifest.
+    Inspect {
+        /// Manifest id (or a unique prefix), or SERVICE@VERSION.
+        manifest: String,
+        #[command(flatten)]
+        origin: OriginArg,
+        /// Another manifest to compare with: shared chunks and bytes.
+        #[arg(long)]
+        against: Option<String>,
+    },
+    /// Show what Fleetwave does, on this machine, with no configuration: publish two versions of
+    /// a sample artifact to a temporary origin, show what the second reused, verify both.
+    Demo {
+        /// Keep the temporary directory instead of deleting it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct OriginArg {
+    /// The origin's store directory.
+    #[arg(long, env = "FLEETWAVE_ORIGIN")]
+    pub(crate) origin: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PublishArgs {
+    /// The artifact: a directory (packed deterministically) or a single file.
+    pub(crate) path: PathBuf,
+    /// Service name.
+    #[arg(long, env = "FLEETWAVE_SERVICE")]
+    pub(crate) service: String,
+    /// Version name; a published version is immutable.
+    #[arg(long, env = "FLEETWAVE_VERSION")]
+    pub(crate) version: String,
+    /// Secret signing key file (from `fleetwave keygen`).
+    #[arg(long, env = "FLEETWAVE_KEY")]
+    pub(crate) key: PathBuf,
+    #[command(flatten)]
+    pub(crate) origin: OriginArg,
+    /// Average chunk size in bytes (min = avg/4, max = avg*4). The default was chosen by
+    /// measurement; see docs/BENCHMARKS.md.
+    #[arg(long, env = "FLEETWAVE_CHUNK_AVG", default_value_t = 64 * 1024)]
+    pub(crate) chunk_avg: u32,
+    /// Source revision recorded in the manifest.
+    #[arg(long, env = "FLEETWAVE_COMMIT", default_value = "")]
+    pub(crate) commit: String,
+    /// Builder recorded in the manifest (default: USER@HOSTNAME).
+    #[arg(long, env = "FLEETWAVE_BUILDER")]
+    pub(crate) builder: Option<String>,
+    /// Build time recorded in the manifest, seconds since the Unix epoch (default:
+    /// SOURCE_DATE_EPOCH if set, else now).
+    #[arg(long, env = "SOURCE_DATE_EPOCH")]
+    pub(crate) built_at: Option<i64>,
+    /// Free-form label KEY=VALUE recorded in the manifest; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
+    /// Don't show a progress bar.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn labels_parse() {
+        assert_eq!(parse_label("team=edge"), Ok(("team".into(), "edge".into())));
+        assert!(parse_label("=x").is_err());
+        assert!(parse_label("novalue").is_err());
+    }
+}
