@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Ship build artifacts to fleets of hosts and roll them out safely.
 #[derive(Debug, Parser)]
-#[command(name = "fleetwave", version, about, propagate_version = true)]
+#[command(name = "fleetwave", version, about)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,

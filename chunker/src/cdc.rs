@@ -185,7 +185,7 @@ pub enum ChunkStreamError<E: std::error::Error + 'static> {
     #[error(transparent)]
     Params(#[from] InvalidParams),
     /// Reading the input failed.
-    #[error("reading the input: {0}")]
+    #[error("reading the input")]
     Read(#[source] io::Error),
     /// The caller's sink refused a chunk.
     #[error(transparent)]

@@ -100,7 +100,7 @@ pub enum ManifestError {
         max: usize,
     },
     /// The bytes are not a protobuf manifest.
-    #[error("manifest does not decode: {0}")]
+    #[error("manifest does not decode")]
     Decode(#[from] prost::DecodeError),
     /// A format this version does not know.
     #[error("unsupported manifest format {0} (this build reads format {FORMAT})")]

@@ -27,7 +27,7 @@ use crate::manifest::ArtifactKind;
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     /// A path could not be read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum PackError {
         path: PathBuf,
     },
     /// Writing the stream failed (for example the reader went away).
-    #[error("writing the packed stream: {0}")]
+    #[error("writing the packed stream")]
     Write(#[source] io::Error),
     /// The packing thread died.
     #[error("packing thread failed")]

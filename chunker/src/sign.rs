@@ -42,7 +42,7 @@ pub struct VerifyingKey(ed25519_dalek::VerifyingKey);
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// Reading or writing the file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The key file.
         path: PathBuf,

@@ -24,7 +24,7 @@ use std::path::{Component, Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     /// Reading the stream or writing the tree failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         /// The path being written, or the destination.
         path: PathBuf,
@@ -47,7 +47,7 @@ pub enum UnpackError {
         reason: Refusal,
     },
     /// The stream is not a valid packed tree.
-    #[error("malformed tree stream: {0}")]
+    #[error("malformed tree stream")]
     Malformed(#[source] io::Error),
 }
 

@@ -180,7 +180,7 @@ pub enum NameError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// An I/O operation on `path` failed.
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}", path.display())]
     Io {
         /// What the store was doing.
         op: IoOp,
@@ -250,7 +250,7 @@ pub enum StoreError {
         limit: u64,
     },
     /// A service or version name is not a safe path component.
-    #[error("invalid {kind} name {name:?}: {reason}")]
+    #[error("invalid {kind} name {name:?}")]
     InvalidName {
         /// Service or version.
         kind: NameKind,
@@ -261,7 +261,7 @@ pub enum StoreError {
         reason: NameError,
     },
     /// A ref file does not hold a manifest id.
-    #[error("ref file {} does not hold a manifest id: {source}", path.display())]
+    #[error("ref file {} does not hold a manifest id", path.display())]
     InvalidRef {
         /// The ref file.
         path: PathBuf,

@@ -44,7 +44,7 @@ fn keygen(out: &std::path::Path) -> Result<()> {
 }
 
 pub(crate) fn open_store(dir: &std::path::Path) -> Result<ChunkStore> {
-    ChunkStore::open(dir).with_context(|| format!("cannot open origin {}", dir.display()))
+    ChunkStore::open(dir).context("cannot open origin")
 }
 
 /// Resolves what an operator typed: `SERVICE@VERSION`, a full id or a unique id prefix.

@@ -122,6 +122,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     validate_name(&opts.version)
         .map_err(|reason| anyhow::anyhow!("invalid version name {:?}: {reason}", opts.version))?;
     let key = SigningKey::read_file(&opts.key).context("cannot load signing key")?;
+    let mut stream = ArtifactStream::open(&opts.path).context("cannot read artifact")?;
     let store = super::open_store(&opts.origin)?;
     if let Some(existing) = store.resolve_ref(&opts.service, &opts.version)? {
         bail!(
@@ -131,8 +132,6 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
             opts.version
         );
     }
-    let mut stream = ArtifactStream::open(&opts.path)
-        .with_context(|| format!("cannot read artifact {}", opts.path.display()))?;
     let kind = stream.kind;
     let bar = progress::bytes(stream.size_hint, "publishing", opts.quiet);
 
