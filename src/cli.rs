@@ -75,7 +75,7 @@ pub(crate) struct PublishArgs {
     pub(crate) key: PathBuf,
     #[command(flatten)]
     pub(crate) origin: OriginArg,
-    /// Average chunk size in bytes (min = avg/4, max = avg*4). The default was chosen by
+    /// Average chunk size in bytes, a power of two (min = avg/4, max = avg*4). The default was chosen by
     /// measurement; see docs/BENCHMARKS.md.
     #[arg(long, env = "FLEETWAVE_CHUNK_AVG", default_value_t = 64 * 1024)]
     pub(crate) chunk_avg: u32,

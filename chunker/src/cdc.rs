@@ -55,7 +55,8 @@ pub struct ChunkerParams {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "invalid chunker parameters min={min} avg={avg} max={max}: need even sizes with \
-     64 <= min <= 1 MiB, 256 <= avg <= 4 MiB, 1 KiB <= max <= 16 MiB and min <= avg <= max"
+     64 <= min <= 1 MiB, avg a power of two from 256 to 4 MiB, 1 KiB <= max <= 16 MiB, \
+     and min <= avg <= max"
 )]
 pub struct InvalidParams {
     /// Requested minimum size.
@@ -75,13 +76,16 @@ impl ChunkerParams {
         Self { min_size: avg_size / 4, avg_size, max_size: avg_size.saturating_mul(4) }
     }
 
-    /// Checks the sizes against what FastCDC v2020 supports.
+    /// Checks the sizes against what FastCDC v2020 supports. The average must be a power of two:
+    /// FastCDC derives its cut masks from log2(avg), so any other value would silently behave
+    /// like the power of two below it while the manifest recorded something else.
     pub fn validate(&self) -> Result<(), InvalidParams> {
         let (min, avg, max) =
             (self.min_size as usize, self.avg_size as usize, self.max_size as usize);
         let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min)
             && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg)
             && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max)
+            && avg.is_power_of_two()
             && min <= avg
             && avg <= max
             && min % 2 == 0

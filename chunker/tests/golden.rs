@@ -111,6 +111,7 @@ fn invalid_params_are_refused() {
     assert!(Cutter::new(bad).is_err());
     let inverted = ChunkerParams { min_size: 1 << 20, avg_size: 64 << 10, max_size: 256 << 10 };
     assert!(inverted.validate().is_err());
+    assert!(ChunkerParams::with_avg(48 << 10).validate().is_err(), "avg not a power of two");
 }
 
 const GOLDEN_DEFAULT: &[usize] = &[
