@@ -17,5 +17,6 @@
 #![warn(missing_docs)]
 
 pub mod store;
+pub mod swarm;
 
 pub use store::{BatchStats, ChunkIter, ChunkStore, StoreError, WriteBatch};
