@@ -10,12 +10,18 @@
 //!   regional cache and, last, the origin; verifies every chunk and the whole artifact; and
 //!   activates releases when the coordinator says so.
 //!
-//! All three keep their data in the same on-disk [`store`]: a content-addressed chunk store with
-//! crash-safe writes, a manifest store and named refs. The swarm scheduler (a sans-io state
-//! machine) and the daemon that wraps it in I/O will live here too.
+//! The pieces:
+//!
+//! - [`store`]: the content-addressed chunk store with crash-safe writes, a manifest store and
+//!   named refs; the origin's and the caches' data.
+//! - [`stage`]: a host's artifacts being staged (chunks written at their offsets, progress in
+//!   sled so a restart resumes), whole-artifact verification, unpacked releases and their GC.
+//! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
+//!   by the daemon's I/O and, unchanged, by the fleet simulator.
 
 #![warn(missing_docs)]
 
+pub mod stage;
 pub mod store;
 pub mod swarm;
 
