@@ -16,11 +16,14 @@
 //!   named refs; the origin's and the caches' data.
 //! - [`stage`]: a host's artifacts being staged (chunks written at their offsets, progress in
 //!   sled so a restart resumes), whole-artifact verification, unpacked releases and their GC.
+//! - [`protocol`]: the chunk protocol spoken between daemons (framing, limits, handshake, error
+//!   codes) and a per-connection session that maps frames to and from the scheduler.
 //! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
 //!   by the daemon's I/O and, unchanged, by the fleet simulator.
 
 #![warn(missing_docs)]
 
+pub mod protocol;
 pub mod stage;
 pub mod store;
 pub mod swarm;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["fleetwave/v1/manifest.proto"];
+const PROTOS: &[&str] = &["fleetwave/v1/manifest.proto", "fleetwave/v1/chunk.proto"];
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

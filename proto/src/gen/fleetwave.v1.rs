@@ -124,3 +124,171 @@ impl ArtifactKind {
         }
     }
 }
+/// First frame on the control stream, from each side.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkHello {
+    /// Protocol version; this file describes version 1.
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// Id of the manifest whose chunks are exchanged (BLAKE3 of its canonical encoding, 32 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub manifest_id: ::prost::alloc::vec::Vec<u8>,
+    /// The sender's role.
+    #[prost(enumeration = "NodeRole", tag = "3")]
+    pub role: i32,
+    /// Number of chunks in the manifest (at most fleetwave-chunker's MAX_CHUNKS).
+    #[prost(uint32, tag = "4")]
+    pub chunk_count: u32,
+    /// Requests the receiver may have open (sent, not yet answered) against the sender at once.
+    #[prost(uint32, tag = "5")]
+    pub max_requests: u32,
+}
+/// Every chunk the sender holds, replacing what it said before: chunk i is bit 7 - i % 8 of byte
+/// i / 8; exactly ceil(chunk_count / 8) bytes; bits past the last chunk zero.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkBitfield {
+    #[prost(bytes = "vec", tag = "1")]
+    pub bits: ::prost::alloc::vec::Vec<u8>,
+}
+/// The sender now holds these chunks (durably).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkHave {
+    #[prost(uint32, repeated, tag = "1")]
+    pub indices: ::prost::alloc::vec::Vec<u32>,
+}
+/// Please send these chunks, most wanted first.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkRequest {
+    #[prost(uint32, repeated, tag = "1")]
+    pub indices: ::prost::alloc::vec::Vec<u32>,
+}
+/// Withdraws open requests for these chunks.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkCancel {
+    #[prost(uint32, repeated, tag = "1")]
+    pub indices: ::prost::alloc::vec::Vec<u32>,
+}
+/// Answers one request without a piece.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkReject {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    #[prost(enumeration = "RejectReason", tag = "2")]
+    pub reason: i32,
+}
+/// First and only frame of a piece stream; exactly `length` raw bytes of the chunk follow it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PieceHeader {
+    /// The chunk's position in the manifest's chunk list.
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// The chunk's length in bytes, as listed in the manifest.
+    #[prost(uint32, tag = "2")]
+    pub length: u32,
+}
+/// One frame of the chunk protocol.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChunkFrame {
+    #[prost(oneof = "chunk_frame::Body", tags = "1, 2, 3, 4, 5, 6, 7")]
+    pub body: ::core::option::Option<chunk_frame::Body>,
+}
+/// Nested message and enum types in `ChunkFrame`.
+pub mod chunk_frame {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Body {
+        #[prost(message, tag = "1")]
+        Hello(super::ChunkHello),
+        #[prost(message, tag = "2")]
+        Bitfield(super::ChunkBitfield),
+        #[prost(message, tag = "3")]
+        Have(super::ChunkHave),
+        #[prost(message, tag = "4")]
+        Request(super::ChunkRequest),
+        #[prost(message, tag = "5")]
+        Cancel(super::ChunkCancel),
+        #[prost(message, tag = "6")]
+        Reject(super::ChunkReject),
+        #[prost(message, tag = "7")]
+        Piece(super::PieceHeader),
+    }
+}
+/// The role a daemon plays in the fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum NodeRole {
+    Unspecified = 0,
+    /// A host: stages artifacts and trades chunks with the hosts of its region.
+    Host = 1,
+    /// A regional cache: pulls through from the origin and serves its region.
+    Cache = 2,
+    /// The origin: the authoritative store.
+    Origin = 3,
+}
+impl NodeRole {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "NODE_ROLE_UNSPECIFIED",
+            Self::Host => "NODE_ROLE_HOST",
+            Self::Cache => "NODE_ROLE_CACHE",
+            Self::Origin => "NODE_ROLE_ORIGIN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "NODE_ROLE_UNSPECIFIED" => Some(Self::Unspecified),
+            "NODE_ROLE_HOST" => Some(Self::Host),
+            "NODE_ROLE_CACHE" => Some(Self::Cache),
+            "NODE_ROLE_ORIGIN" => Some(Self::Origin),
+            _ => None,
+        }
+    }
+}
+/// Why a request is answered without a piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RejectReason {
+    Unspecified = 0,
+    /// Upload slots and queue are full, or the request waited too long. Ask again later or elsewhere.
+    Busy = 1,
+    /// The sender does not hold the chunk (durably).
+    NotHave = 2,
+    /// The sender refuses the requester.
+    Banned = 3,
+    /// A cache or origin sent this chunk to another host moments ago: take it from that host.
+    SeededRecently = 4,
+    /// The requester cancelled the request before it was served. Only ever the answer to a Cancel.
+    Cancelled = 5,
+}
+impl RejectReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REJECT_REASON_UNSPECIFIED",
+            Self::Busy => "REJECT_REASON_BUSY",
+            Self::NotHave => "REJECT_REASON_NOT_HAVE",
+            Self::Banned => "REJECT_REASON_BANNED",
+            Self::SeededRecently => "REJECT_REASON_SEEDED_RECENTLY",
+            Self::Cancelled => "REJECT_REASON_CANCELLED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REJECT_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "REJECT_REASON_BUSY" => Some(Self::Busy),
+            "REJECT_REASON_NOT_HAVE" => Some(Self::NotHave),
+            "REJECT_REASON_BANNED" => Some(Self::Banned),
+            "REJECT_REASON_SEEDED_RECENTLY" => Some(Self::SeededRecently),
+            "REJECT_REASON_CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
