@@ -18,6 +18,8 @@
 //!   sled so a restart resumes), whole-artifact verification, unpacked releases and their GC.
 //! - [`protocol`]: the chunk protocol spoken between daemons (framing, limits, handshake, error
 //!   codes) and a per-connection session that maps frames to and from the scheduler.
+//! - [`transport`]: QUIC endpoints (quinn) whose certificates prove the libp2p PeerId of each
+//!   side; a connection to the wrong identity never completes its handshake.
 //! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
 //!   by the daemon's I/O and, unchanged, by the fleet simulator.
 
@@ -27,5 +29,6 @@ pub mod protocol;
 pub mod stage;
 pub mod store;
 pub mod swarm;
+pub mod transport;
 
 pub use store::{BatchStats, ChunkIter, ChunkStore, StoreError, WriteBatch};
