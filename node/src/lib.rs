@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod fsio;
 pub mod protocol;
 pub mod stage;
 pub mod store;

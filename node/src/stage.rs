@@ -110,6 +110,7 @@ use fleetwave_chunker::{
     SignedManifest, TrustedKeys,
 };
 
+use crate::fsio::{IoFailure, ensure_dir, remove_file, sync_dir};
 use crate::store::IoOp;
 use crate::swarm::{Bitfield, ChunkIndex, Tally};
 use state::{DurableChunk, Record};
@@ -1594,36 +1595,12 @@ fn install_file(
         let _ = fs::remove_dir_all(&tmp_path);
         return Err(io_err(IoOp::Rename, dest)(err));
     }
-    sync_dir(service_dir)
+    Ok(sync_dir(service_dir)?)
 }
 
 fn add(tally: &mut Tally, len: u32) {
     tally.chunks += 1;
     tally.bytes += u64::from(len);
-}
-
-/// Creates `dir` if missing. Returns whether it was created (so the caller flushes the parent).
-fn ensure_dir(dir: &Path) -> Result<bool, StageError> {
-    match fs::create_dir(dir) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(err) => Err(io_err(IoOp::CreateDir, dir)(err)),
-    }
-}
-
-/// Flushes a directory, making the creation, rename or removal of its entries durable.
-fn sync_dir(dir: &Path) -> Result<(), StageError> {
-    let file = File::open(dir).map_err(io_err(IoOp::Open, dir))?;
-    file.sync_all().map_err(io_err(IoOp::Sync, dir))
-}
-
-/// Removes a file. Returns `false` if it did not exist.
-fn remove_file(path: &Path) -> Result<bool, StageError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(io_err(IoOp::Remove, path)(err)),
-    }
 }
 
 /// Removes a file, symlink or directory tree; a missing one is fine.
@@ -1634,6 +1611,12 @@ fn remove_tree(path: &Path) -> Result<(), StageError> {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(io_err(IoOp::Remove, path)(err)),
+    }
+}
+
+impl From<IoFailure> for StageError {
+    fn from(f: IoFailure) -> Self {
+        StageError::Io { op: f.op, path: f.path, source: f.source }
     }
 }
 

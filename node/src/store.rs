@@ -49,6 +49,8 @@ use fleetwave_chunker::{ChunkHash, ManifestId, ParseHashError};
 use rustix::fs::FlockOperation;
 use tempfile::{NamedTempFile, TempPath};
 
+use crate::fsio::{IoFailure, ensure_dir, remove_file, sync_dir};
+
 /// Largest chunk the store accepts, in bytes.
 ///
 /// Equal to the largest maximum chunk size FastCDC v2020 allows (16 MiB), so any chunk the chunker
@@ -473,7 +475,7 @@ impl ChunkStore {
     /// The removal is not flushed: after a crash the chunk may reappear, which is harmless since
     /// its content is still valid (or still detectably corrupt).
     pub fn remove(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
-        remove_file(&self.path_of(hash))
+        Ok(remove_file(&self.path_of(hash))?)
     }
 
     /// Starts a batch of chunk writes, made durable together by [`WriteBatch::commit`].
@@ -542,7 +544,7 @@ impl ChunkStore {
 
     /// Removes a manifest. Returns `false` if it was not stored. Refs naming it are left alone.
     pub fn remove_manifest(&self, id: &ManifestId) -> Result<bool, StoreError> {
-        remove_file(&self.manifest_path(id))
+        Ok(remove_file(&self.manifest_path(id))?)
     }
 
     /// Ids of all stored manifests, sorted. Files that are not named by an id are skipped.
@@ -616,7 +618,7 @@ impl ChunkStore {
 
     /// Removes the ref `service`/`version`. Returns `false` if there was no such ref.
     pub fn remove_ref(&self, service: &str, version: &str) -> Result<bool, StoreError> {
-        remove_file(&self.ref_path(service, version)?)
+        Ok(remove_file(&self.ref_path(service, version)?)?)
     }
 
     /// All refs as `(service, version, manifest id)`, sorted by service, then version, both as
@@ -693,7 +695,7 @@ impl ChunkStore {
         temp.write_all(bytes).map_err(io_err(IoOp::Write, temp.path()))?;
         temp.as_file().sync_data().map_err(io_err(IoOp::Sync, temp.path()))?;
         temp.persist(dest).map_err(|err| io_err(IoOp::Rename, dest)(err.error))?;
-        sync_dir(dest_dir)
+        Ok(sync_dir(dest_dir)?)
     }
 
     /// Flushes the data of every file in `temps` to disk.
@@ -1005,30 +1007,6 @@ fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
     Ok(buf)
 }
 
-/// Creates `dir` if missing. Returns whether it was created (so the caller flushes the parent).
-fn ensure_dir(dir: &Path) -> Result<bool, StoreError> {
-    match fs::create_dir(dir) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(err) => Err(io_err(IoOp::CreateDir, dir)(err)),
-    }
-}
-
-/// Flushes a directory, making the creation, rename or removal of its entries durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    let file = File::open(dir).map_err(io_err(IoOp::Open, dir))?;
-    file.sync_all().map_err(io_err(IoOp::Sync, dir))
-}
-
-/// Removes a file. Returns `false` if it did not exist.
-fn remove_file(path: &Path) -> Result<bool, StoreError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(err) => Err(io_err(IoOp::Remove, path)(err)),
-    }
-}
-
 /// Deletes everything inside `dir`.
 fn clear_dir(dir: &Path) -> Result<(), StoreError> {
     for entry in fs::read_dir(dir).map_err(io_err(IoOp::ListDir, dir))? {
@@ -1056,6 +1034,12 @@ fn probe_writable(dir: &Path) -> Result<(), StoreError> {
 
 fn flock(lock: &File, path: &Path, op: FlockOperation) -> Result<(), StoreError> {
     rustix::fs::flock(lock, op).map_err(|errno| io_err(IoOp::Lock, path)(errno.into()))
+}
+
+impl From<IoFailure> for StoreError {
+    fn from(f: IoFailure) -> Self {
+        StoreError::Io { op: f.op, path: f.path, source: f.source }
+    }
 }
 
 /// Builds the mapper from an `io::Error` to [`StoreError::Io`] for `op` on `path`.
