@@ -20,11 +20,13 @@
 //!   codes) and a per-connection session that maps frames to and from the scheduler.
 //! - [`transport`]: QUIC endpoints (quinn) whose certificates prove the libp2p PeerId of each
 //!   side; a connection to the wrong identity never completes its handshake.
+//! - [`discovery`]: rendezvous registration and discovery of swarm peers (PeerId, chunk address).
 //! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
 //!   by the daemon's I/O and, unchanged, by the fleet simulator.
 
 #![warn(missing_docs)]
 
+pub mod discovery;
 mod fsio;
 pub mod protocol;
 pub mod stage;
