@@ -61,6 +61,18 @@ pub(crate) struct OriginArg {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct PublishOriginArg {
+    /// The origin: its store directory, or the URL of a running origin daemon's store API
+    /// (http://HOST:PORT), to which only the chunks it lacks are uploaded.
+    #[arg(long, env = "FLEETWAVE_ORIGIN", value_name = "DIR|URL")]
+    pub(crate) origin: PathBuf,
+    /// File holding the origin's upload token, sent as a bearer token to an origin URL (not
+    /// used with a directory). The token is never printed.
+    #[arg(long, env = "FLEETWAVE_UPLOAD_TOKEN_FILE", value_name = "PATH")]
+    pub(crate) upload_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// The artifact: a directory (packed deterministically) or a single file.
     pub(crate) path: PathBuf,
@@ -74,7 +86,7 @@ pub(crate) struct PublishArgs {
     #[arg(long, env = "FLEETWAVE_KEY")]
     pub(crate) key: PathBuf,
     #[command(flatten)]
-    pub(crate) origin: OriginArg,
+    pub(crate) origin: PublishOriginArg,
     /// Average chunk size in bytes, a power of two (min = avg/4, max = avg*4). The default was chosen by
     /// measurement; see docs/BENCHMARKS.md.
     #[arg(long, env = "FLEETWAVE_CHUNK_AVG", default_value_t = 64 * 1024)]

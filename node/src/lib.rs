@@ -14,6 +14,8 @@
 //!
 //! - [`store`]: the content-addressed chunk store with crash-safe writes, a manifest store and
 //!   named refs; the origin's and the caches' data.
+//! - [`store_api`]: the store over HTTP (manifests, refs, missing-chunk queries, uploads),
+//!   mounted by the origin and caches, and the client `fleetwave publish` uploads with.
 //! - [`stage`]: a host's artifacts being staged (chunks written at their offsets, progress in
 //!   sled so a restart resumes), whole-artifact verification, unpacked releases and their GC.
 //! - [`protocol`]: the chunk protocol spoken between daemons (framing, limits, handshake, error
@@ -31,6 +33,7 @@ mod fsio;
 pub mod protocol;
 pub mod stage;
 pub mod store;
+pub mod store_api;
 pub mod swarm;
 pub mod transport;
 
