@@ -51,6 +51,36 @@ pub(crate) enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Talk to a running `fleetwave-node` daemon: stage a manifest on a host, show status.
+    Node {
+        /// The daemon's API.
+        #[arg(
+            long,
+            env = "FLEETWAVE_NODE_API",
+            default_value = "http://127.0.0.1:7400",
+            global = true
+        )]
+        api: String,
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Stage a manifest on this host: fetch, verify and unpack it, ready to activate.
+    Stage {
+        /// The manifest id (64 hex digits).
+        manifest: String,
+        /// Wait until it is staged, showing progress; fail if staging fails.
+        #[arg(long)]
+        wait: bool,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// What the daemon stages or serves, where the bytes came from, and its counters.
+    Status,
 }
 
 #[derive(Debug, Args)]

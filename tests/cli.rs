@@ -297,3 +297,18 @@ fn single_file_artifacts_round_trip() {
     let out = env.verify("web@1.0.0", &env.trust());
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn node_commands_name_an_unreachable_daemon() {
+    let env = Env::new();
+    // A port nobody listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let api = format!("http://127.0.0.1:{port}");
+    let out = env.run(&["node", "--api", &api, "status"]);
+    assert_fails_with(&out, &["cannot reach the daemon", &api]);
+    let out = env.run(&["node", "--api", &api, "stage", &"ab".repeat(32)]);
+    assert_fails_with(&out, &["cannot stage", &api]);
+}

@@ -23,11 +23,14 @@
 //! - [`transport`]: QUIC endpoints (quinn) whose certificates prove the libp2p PeerId of each
 //!   side; a connection to the wrong identity never completes its handshake.
 //! - [`discovery`]: rendezvous registration and discovery of swarm peers (PeerId, chunk address).
+//! - [`daemon`]: the daemon itself: configuration, identity, metrics, one swarm actor per
+//!   manifest, the HTTP API; the `fleetwave-node` binary runs it.
 //! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
 //!   by the daemon's I/O and, unchanged, by the fleet simulator.
 
 #![warn(missing_docs)]
 
+pub mod daemon;
 pub mod discovery;
 mod fsio;
 pub mod protocol;

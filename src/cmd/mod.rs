@@ -2,6 +2,7 @@
 
 mod demo;
 mod inspect;
+mod node;
 mod publish;
 mod verify;
 
@@ -10,7 +11,7 @@ use anyhow::{Context, Result};
 use fleetwave_chunker::{ManifestId, SignedManifest};
 use fleetwave_node::store::ChunkStore;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, NodeCommand};
 
 pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -31,6 +32,12 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             inspect::run(&store, &manifest, against.as_deref())
         }
         Command::Demo { keep } => demo::run(keep),
+        Command::Node { api, command } => match command {
+            NodeCommand::Stage { manifest, wait, quiet } => {
+                node::stage(&api, &manifest, wait, quiet)
+            }
+            NodeCommand::Status => node::status(&api),
+        },
     }
 }
 
