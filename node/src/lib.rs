@@ -23,6 +23,8 @@
 //! - [`transport`]: QUIC endpoints (quinn) whose certificates prove the libp2p PeerId of each
 //!   side; a connection to the wrong identity never completes its handshake.
 //! - [`discovery`]: rendezvous registration and discovery of swarm peers (PeerId, chunk address).
+//! - [`activate`]: switching a host's service to a staged release: lifecycle hooks, health
+//!   checks, crash-safe state, rollback as a switch back, secrets injected into hooks.
 //! - [`daemon`]: the daemon itself: configuration, identity, metrics, one swarm actor per
 //!   manifest, the HTTP API; the `fleetwave-node` binary runs it.
 //! - [`swarm`]: the sans-io chunk scheduler (rarest first, endgame, bans, upload slots), driven
@@ -30,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activate;
 pub mod daemon;
 pub mod discovery;
 mod fsio;
