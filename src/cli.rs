@@ -79,6 +79,20 @@ pub(crate) enum NodeCommand {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Make a staged manifest the service's active release: switch `current/SERVICE`, run its
+    /// hooks and health check; switch back if they fail (non-zero exit then).
+    Activate {
+        /// The manifest id (64 hex digits).
+        manifest: String,
+        /// The service.
+        #[arg(long)]
+        service: String,
+    },
+    /// Switch a service back to its previous release.
+    Rollback {
+        /// The service.
+        service: String,
+    },
     /// What the daemon stages or serves, where the bytes came from, and its counters.
     Status,
 }

@@ -100,6 +100,18 @@ pub struct Status {
     pub totals: Totals,
     /// Manifests this daemon stages or serves.
     pub manifests: Vec<ManifestStatus>,
+    /// Hosts: each service's activation state.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service at `/v1/status` (hosts).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    /// The service.
+    pub service: String,
+    /// Its activation state: active and previous release, activation running, last outcome.
+    pub state: crate::activate::ServiceState,
 }
 
 /// One manifest at `/v1/status`.
@@ -153,6 +165,9 @@ pub enum DaemonError {
     /// Discovery cannot start.
     #[error("cannot start discovery: {0}")]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// Activation state or secrets are unusable.
+    #[error(transparent)]
+    Activate(#[from] crate::activate::ActivateError),
     /// The upload token file is unusable.
     #[error(transparent)]
     Token(#[from] crate::store_api::TokenError),
@@ -191,6 +206,7 @@ struct Inner {
     shared: Shared,
     store: Option<ChunkStore>,
     area: Option<StageArea>,
+    activator: Option<crate::activate::Activator>,
     transfers: AsyncMutex<HashMap<ManifestId, TransferHandle>>,
     origin: Option<AsyncMutex<Resolved>>,
     caches: Vec<AsyncMutex<Resolved>>,
@@ -220,6 +236,21 @@ pub async fn run(
         Role::Host => (None, Some(StageArea::open(&config.data_dir, config.stage.keep_releases)?)),
     };
 
+    let activator = match &area {
+        Some(area) => {
+            let secrets = match &config.secrets_file {
+                Some(path) => crate::activate::Secrets::read_file(path)?,
+                None => crate::activate::Secrets::default(),
+            };
+            let (activator, interrupted) =
+                crate::activate::Activator::open(&config.data_dir, area.clone(), secrets)?;
+            for service in interrupted {
+                warn!(service, "an activation was interrupted by the restart; reported failed");
+            }
+            Some(activator)
+        }
+        None => None,
+    };
     let endpoint = Endpoint::bind(config.listen.chunks, &keypair, &TransportConfig::default())?;
     let chunks_bound = endpoint
         .local_addr()
@@ -305,6 +336,7 @@ pub async fn run(
         shared,
         store,
         area,
+        activator,
         transfers: AsyncMutex::new(HashMap::new()),
         origin: origin.map(AsyncMutex::new),
         caches: caches.into_iter().map(AsyncMutex::new).collect(),
@@ -821,7 +853,18 @@ impl Inner {
                 transfer: Some(snapshot),
             });
         }
-        Status { info: self.info.clone(), totals: self.shared.metrics.totals(), manifests }
+        let services = self
+            .activator
+            .iter()
+            .flat_map(|a| a.states())
+            .map(|(service, state)| ServiceStatus { service, state })
+            .collect();
+        Status {
+            info: self.info.clone(),
+            totals: self.shared.metrics.totals(),
+            manifests,
+            services,
+        }
     }
 }
 
@@ -970,7 +1013,10 @@ fn api_router(inner: Arc<Inner>) -> Result<Router, DaemonError> {
             }),
         );
     if inner.config.role == Role::Host {
-        router = router.route("/v1/admin/stage", post(stage_handler));
+        router = router
+            .route("/v1/admin/stage", post(stage_handler))
+            .route("/v1/admin/activate", post(activate_handler))
+            .route("/v1/admin/rollback", post(rollback_handler));
     }
     let mut router = router.with_state(Arc::clone(&inner));
     if let Some(store) = &inner.store {
@@ -1006,4 +1052,78 @@ async fn stage_handler(
     let state = inner.stage(id).await?;
     let body = serde_json::json!({ "id": id.to_hex(), "state": state });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Body of `POST /v1/admin/activate`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ActivateRequest {
+    /// The service.
+    pub service: String,
+    /// The staged manifest to make active (64 hex digits).
+    pub manifest: String,
+}
+
+/// Body of `POST /v1/admin/rollback`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The service.
+    pub service: String,
+}
+
+fn activation_error(err: crate::activate::ActivateError) -> ApiError {
+    use crate::activate::ActivateError as E;
+    match err {
+        E::NotStaged { .. } => ApiError::new(StatusCode::CONFLICT, "not_staged", err),
+        E::WrongService { .. } => ApiError::new(StatusCode::BAD_REQUEST, "wrong_service", err),
+        E::Busy { .. } => ApiError::new(StatusCode::CONFLICT, "busy", err),
+        E::NothingToRollBack { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "nothing_to_roll_back", err)
+        }
+        E::HooksFile { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_hooks", err),
+        other => ApiError::internal(other),
+    }
+}
+
+/// Activates a staged release; answers with the outcome (200 whether the hooks passed or the
+/// previous release was switched back: the outcome says which).
+async fn activate_handler(
+    State(inner): State<Arc<Inner>>,
+    Json(req): Json<ActivateRequest>,
+) -> Result<Response, ApiError> {
+    let id: ManifestId = req.manifest.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_manifest_id",
+            format!("{:?} is not a manifest id (64 hex digits)", req.manifest),
+        )
+    })?;
+    let activator = inner.activator.clone().ok_or(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "not_a_host",
+        "only hosts activate releases",
+    ))?;
+    // Activation outlives a dropped request: a client that gives up must not kill a hook
+    // half way.
+    let service = req.service.clone();
+    let outcome = tokio::spawn(async move { activator.activate(&service, id, None).await })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(activation_error)?;
+    Ok(Json(outcome).into_response())
+}
+
+async fn rollback_handler(
+    State(inner): State<Arc<Inner>>,
+    Json(req): Json<RollbackRequest>,
+) -> Result<Response, ApiError> {
+    let activator = inner.activator.clone().ok_or(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "not_a_host",
+        "only hosts roll back releases",
+    ))?;
+    let outcome = tokio::spawn(async move { activator.rollback(&req.service).await })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(activation_error)?;
+    Ok(Json(outcome).into_response())
 }

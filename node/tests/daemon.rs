@@ -379,3 +379,61 @@ fn the_origin_takes_uploads_over_the_network_and_only_missing_chunks_move() {
         host.wait_staged(&id);
     }
 }
+
+#[test]
+fn a_host_killed_mid_hook_reports_the_activation_failed_after_restart() {
+    use fleetwave_node::activate::Hook;
+    use fleetwave_node::daemon::client::AdminClient;
+    let fleet = Fleet::new();
+    let publish_with_hooks = |version: &str, validate: &str| {
+        let src = fleet.root.join(format!("src-hooks-{version}"));
+        make_tree(&src, 2, 64 * 1024, &[]);
+        let hooks = format!(
+            "[hooks]\nstart = \"echo start $FLEETWAVE_VERSION >> $TRAIL\"\nvalidate = \"{validate}\"\ntimeout = \"120s\"\n"
+        );
+        std::fs::write(src.join("fleetwave.toml"), hooks).unwrap();
+        publish(&fleet.origin.dir.join("store"), &src, "web", version, &fleet.key).0
+    };
+    let v1 = publish_with_hooks("1.0.0", "true");
+    let v2 = publish_with_hooks("2.0.0", "echo validating >> $TRAIL; sleep 120");
+    let secrets = fleet.root.join("secrets.env");
+    let trail = fleet.root.join("trail");
+    std::fs::write(&secrets, format!("TRAIL={}\n", trail.display())).unwrap();
+    std::fs::set_permissions(&secrets, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let mut host = fleet.host("host", None, &["--secrets-file", secrets.to_str().unwrap()]);
+    for id in [v1, v2] {
+        assert_eq!(host.stage(&id).0, 202);
+        host.wait_staged(&id);
+    }
+    let api = format!("http://{}", host.info.api);
+    let outcome = AdminClient::new(&api).activate("web", &v1.to_hex()).unwrap();
+    assert!(outcome.ok, "{outcome:?}");
+    // Activate v2 in the background; its validate hook hangs.
+    let background = {
+        let api = api.clone();
+        std::thread::spawn(move || AdminClient::new(&api).activate("web", &v2.to_hex()))
+    };
+    wait_for("validate to run", Duration::from_secs(60), || {
+        let status = host.status();
+        let pending = status.services.iter().find(|s| s.service == "web")?.state.pending.clone()?;
+        let ran = std::fs::read_to_string(&trail).unwrap_or_default().contains("validating");
+        (pending.running == Some(Hook::Validate) && ran).then_some(())
+    });
+    host.kill9();
+    assert!(background.join().unwrap().is_err(), "the killed daemon answered");
+    host.restart();
+    let status = host.status();
+    let web = &status.services.iter().find(|s| s.service == "web").unwrap().state;
+    let last = web.last.as_ref().unwrap();
+    assert!(!last.ok);
+    assert_eq!(last.failed_hook, Some(Hook::Validate));
+    assert!(last.rolled_back);
+    assert_eq!(web.active.as_ref().unwrap().id, v1.to_hex());
+    let current = std::fs::canonicalize(host.dir.join("current/web")).unwrap();
+    assert!(current.ends_with("releases/web/1.0.0"), "{}", current.display());
+    // The hook was not run again.
+    let validations =
+        std::fs::read_to_string(&trail).unwrap().lines().filter(|l| *l == "validating").count();
+    assert_eq!(validations, 1);
+}

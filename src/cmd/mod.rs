@@ -36,6 +36,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             NodeCommand::Stage { manifest, wait, quiet } => {
                 node::stage(&api, &manifest, wait, quiet)
             }
+            NodeCommand::Activate { manifest, service } => {
+                node::activate(&api, &service, &manifest)
+            }
+            NodeCommand::Rollback { service } => node::rollback(&api, &service),
             NodeCommand::Status => node::status(&api),
         },
     }

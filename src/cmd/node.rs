@@ -51,6 +51,35 @@ pub(crate) fn stage(api: &str, manifest: &str, wait: bool, quiet: bool) -> Resul
     }
 }
 
+/// Activates a staged release; an activation whose hooks failed is an error.
+pub(crate) fn activate(api: &str, service: &str, manifest: &str) -> Result<()> {
+    let outcome = AdminClient::new(api)
+        .activate(service, manifest)
+        .with_context(|| format!("cannot activate {manifest}"))?;
+    report(service, &outcome)
+}
+
+/// Switches a service back to its previous release.
+pub(crate) fn rollback(api: &str, service: &str) -> Result<()> {
+    let outcome = AdminClient::new(api)
+        .rollback(service)
+        .with_context(|| format!("cannot roll back {service}"))?;
+    report(service, &outcome)
+}
+
+fn report(service: &str, outcome: &fleetwave_node::activate::Outcome) -> Result<()> {
+    if outcome.ok {
+        println!("{service}: {} active", &outcome.target[..16.min(outcome.target.len())]);
+        return Ok(());
+    }
+    let hook = outcome.failed_hook.map_or("activation", |h| h.name());
+    let back = if outcome.rolled_back { "; switched back to the previous release" } else { "" };
+    bail!(
+        "{service}: {hook} failed: {}{back}",
+        outcome.reason.as_deref().unwrap_or("unknown reason")
+    )
+}
+
 /// Prints the daemon's status.
 pub(crate) fn status(api: &str) -> Result<()> {
     let status = AdminClient::new(api).status()?;
@@ -98,5 +127,25 @@ fn print_status(status: &Status) {
     );
     for m in &status.manifests {
         print_one(m);
+    }
+    for s in &status.services {
+        let active = s.state.active.as_ref().map_or("none".to_owned(), |a| a.version.clone());
+        let mut line = format!("service {}: active {active}", s.service);
+        if let Some(p) = &s.state.previous {
+            line.push_str(&format!(", previous {}", p.version));
+        }
+        if let Some(p) = &s.state.pending {
+            let hook = p.running.map_or("", |h| h.name());
+            line.push_str(&format!(", activating {} {hook}", &p.target[..16.min(p.target.len())]));
+        }
+        if let Some(last) = &s.state.last {
+            if !last.ok {
+                line.push_str(&format!(
+                    ", last activation failed: {}",
+                    last.reason.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        println!("{line}");
     }
 }

@@ -68,6 +68,9 @@ struct RunArgs {
     /// File holding the bearer token uploads must present (origin).
     #[arg(long, env = "FLEETWAVE_UPLOAD_TOKEN_FILE")]
     upload_token_file: Option<PathBuf>,
+    /// Host: secrets for activation hooks (KEY=VALUE file, mode 0600).
+    #[arg(long, env = "FLEETWAVE_SECRETS_FILE")]
+    secrets_file: Option<PathBuf>,
     /// Staged releases kept per service.
     #[arg(long, env = "FLEETWAVE_KEEP_RELEASES")]
     keep_releases: Option<usize>,
@@ -136,6 +139,9 @@ impl RunArgs {
         }
         if let Some(path) = &self.upload_token_file {
             config.upload_token_file = Some(path.clone());
+        }
+        if let Some(path) = &self.secrets_file {
+            config.secrets_file = Some(path.clone());
         }
         if let Some(n) = self.keep_releases {
             config.stage.keep_releases = n;

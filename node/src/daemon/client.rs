@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use super::{StageRequest, Status};
+use super::{ActivateRequest, RollbackRequest, StageRequest, Status};
+use crate::activate::Outcome;
 
 /// Longest a request may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,6 +70,35 @@ impl AdminClient {
             .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
         let value: serde_json::Value = read_json(resp, &url)?;
         Ok(value["state"].as_str().unwrap_or("staging").to_owned())
+    }
+
+    /// Activates staged manifest `id` of `service` (hooks, health check); the outcome says
+    /// whether it is active or the previous release was switched back.
+    pub fn activate(&self, service: &str, id: &str) -> Result<Outcome, ClientError> {
+        let body = ActivateRequest { service: service.to_owned(), manifest: id.to_owned() };
+        self.post("/v1/admin/activate", &body)
+    }
+
+    /// Switches `service` back to its previous release.
+    pub fn rollback(&self, service: &str) -> Result<Outcome, ClientError> {
+        self.post("/v1/admin/rollback", &RollbackRequest { service: service.to_owned() })
+    }
+
+    fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        // Hooks and health checks may take minutes: no overall timeout here.
+        let resp = self
+            .http
+            .post(&url)
+            .timeout(Duration::from_secs(3600))
+            .json(body)
+            .send()
+            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
+        read_json(resp, &url)
     }
 
     /// The daemon's status.

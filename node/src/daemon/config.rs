@@ -83,6 +83,9 @@ pub struct Config {
     /// File holding the bearer token that uploads to an origin must present. Default none:
     /// uploads are open (only for a test origin).
     pub upload_token_file: Option<PathBuf>,
+    /// Host: the secrets injected into activation hooks, a `KEY=VALUE` file only its owner
+    /// may read. Default none.
+    pub secrets_file: Option<PathBuf>,
 }
 
 /// Listening sockets. Port 0 asks the system for a free port; the bound addresses are written
@@ -169,6 +172,7 @@ impl Default for Config {
             swarm: SwarmSection::default(),
             stage: StageSection::default(),
             upload_token_file: None,
+            secrets_file: None,
         }
     }
 }
