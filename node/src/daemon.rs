@@ -11,8 +11,9 @@
 //!   Errors are JSON `{"code", "message"}`.
 //! - **Chunks** (QUIC, `listen.chunks`): the chunk protocol ([`crate::protocol`]) over
 //!   connections authenticated by libp2p identity ([`crate::transport`]).
-//! - **libp2p** (TCP, `listen.p2p`): rendezvous ([`crate::discovery`]): served by the origin and
-//!   caches, used by hosts to find the peers of their region staging the same manifest.
+//! - **libp2p** (TCP, `listen.p2p`): discovery ([`crate::discovery`]): rendezvous served by the
+//!   origin and caches, used by hosts to find the peers of their region staging the same
+//!   manifest; a Kademlia DHT among all daemons when no rendezvous point answers.
 //!
 //! Once every socket is bound, the daemon writes `<data_dir>/ready.json` with the bound
 //! addresses and its PeerId (atomically: temp file, flush, rename), which is how scripts and

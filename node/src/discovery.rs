@@ -1,13 +1,21 @@
-//! Peer discovery: the libp2p rendezvous protocol, run as a tokio actor.
+//! Peer discovery: the libp2p rendezvous protocol, with a Kademlia DHT as its fallback, run as a
+//! tokio actor.
 //!
 //! # Participants
 //!
 //! - A **rendezvous point** is a daemon with [`DiscoveryConfig::server`] set: a region's cache,
 //!   or the origin where a region has no cache. It stores registrations and answers discover
-//!   requests; it never dials anyone.
+//!   requests; its rendezvous server never dials anyone.
 //! - A **host** has [`DiscoveryConfig::points`]: the PeerIds and TCP addresses of its region's
 //!   points. It dials each of them at start, stays connected, and redials with exponential
 //!   back-off ([`REDIAL_MIN`] to [`REDIAL_MAX`]) whenever a connection closes or a dial fails.
+//! - **Every daemon** is also a Kademlia node in server mode (it answers DHT requests), points
+//!   and hosts alike, so that the region's DHT lives on in its hosts while its cache is away.
+//!   A daemon's DHT is seeded with the addresses of its configured points; the points, which
+//!   every host of the region is connected to, learn each host's listen addresses from identify
+//!   and hand them out, so a host's first bootstrap through its point reaches the hosts the
+//!   point knows. That is how peers learned via the rendezvous enter a host's routing table
+//!   (rendezvous registrations themselves carry only chunk addresses, which TCP cannot dial).
 //!
 //! A daemon can be both: [`DiscoveryConfig::server`] and [`DiscoveryConfig::points`] are
 //! independent (the origin is a server with no points).
@@ -28,35 +36,88 @@
 //!   later dials the chunk endpoint expecting exactly that PeerId ([`crate::transport`]).
 //! - **UNREGISTER** `(namespace)`, which the protocol never acknowledges.
 //!
+//! Beside it run three more libp2p protocols on the same connections:
+//!
+//! - **Kademlia** (`/fleetwave/kad/1.0.0`, so a region's DHT never merges with the public IPFS
+//!   one). A registered namespace is also a provider record under the key = the namespace's
+//!   bytes (ADD_PROVIDER to the closest peers, GET_PROVIDERS to find them). A provider record
+//!   names only the provider's PeerId (Fleetwave keeps the swarm's one external address, the
+//!   chunk endpoint, out of its Kademlia records; the storing peers answer with the TCP
+//!   addresses in their routing tables instead, as dialing hints).
+//! - **identify**: each side of a connection tells the other its listen addresses (TCP) and its
+//!   external address (the chunk endpoint). Identify is how the Kademlia fallback learns a
+//!   provider's chunk address: see below.
+//! - **ping**, every [`PING_INTERVAL`] on every connection, so that a peer that vanished
+//!   without closing its connection is noticed.
+//!
+//! # Where a fallback peer's chunk address comes from
+//!
+//! A provider record says only "PeerId P provides namespace N", and it reaches us through
+//! peers that may lie about anything. So the fallback never takes an address from the DHT: it
+//! dials P itself (expecting P: the noise handshake proves the remote holds P's key, or the
+//! connection fails) and takes the chunk address from the identify message that P sends over
+//! that connection, which only P can have sent. The address is therefore exactly as
+//! authenticated as a rendezvous registration's signed record, and needs no signature of its
+//! own (a signed record would matter only if the address travelled through third parties, as
+//! a DHT value would). Peers already connected are not dialed again: the identify info of the
+//! connection is used. A lying DHT peer can at worst name PeerIds that do not provide the
+//! namespace (we then dial peers that hold nothing of the manifest, which the chunk protocol
+//! sorts out) or hide providers.
+//!
 //! # What the actor guarantees
 //!
 //! - [`Discovery::register`] makes a namespace *wanted*: it is registered at every point the
 //!   actor is connected to, re-registered on every reconnect, and refreshed at half of the TTL
 //!   the point granted, until [`Discovery::unregister`]. The call itself returns once one point
-//!   has accepted the registration.
+//!   has accepted the registration. It also publishes the namespace's provider record in the
+//!   DHT at once, and Kademlia re-publishes it every [`PROVIDER_REPUBLISH`] (half of
+//!   [`PROVIDER_TTL`]); a publication that reached nobody is repeated on the next connection to
+//!   a point.
 //! - [`Discovery::discover`] asks every connected point, merges the answers, drops ourselves,
 //!   registrations without a usable chunk address, and duplicates, and returns a random subset
-//!   of at most `limit` (capped at [`MAX_DISCOVER_LIMIT`]) peers. A point that fails is skipped;
-//!   the call fails only if none answered.
+//!   of at most `limit` (capped at [`MAX_DISCOVER_LIMIT`]) peers. A point that fails is skipped.
+//!   While any point answers, its answer is the whole answer (the DHT is not asked). When no
+//!   point is connected (and the routing table holds some peer besides the points), or no
+//!   connected point answered, it looks the namespace up in the DHT instead: GET_PROVIDERS,
+//!   then each provider's chunk address as above, at most [`MAX_DHT_PEERS`] of them. The call
+//!   fails only if neither a point nor any DHT peer answered.
 //! - [`Discovery::unregister`] withdraws a namespace and then sends each connected point a
 //!   small DISCOVER on the same connection as a barrier, returning when the barrier is answered.
 //!   Requests on one connection are processed in order in practice (not by contract: the
 //!   protocol has no acknowledgement), so once it returns, other hosts no longer see us there.
+//!   It also stops re-publishing the provider record, but Kademlia has no withdrawal: peers
+//!   holding the record hand us out of DHT lookups until it expires ([`PROVIDER_TTL`]).
 //!
 //! # Limits and failures
 //!
 //! Every wait is bounded: a call waits at most [`CONNECT_WAIT`] for a connection to some point
 //! ([`DiscoveryError::NoRendezvous`] after that) and then at most [`ANSWER_WAIT`] for answers
-//! ([`DiscoveryError::Timeout`]). A daemon keeps at most [`MAX_NAMESPACES`] namespaces
-//! registered, and a point stores at most [`MAX_NAMESPACES`] registrations per peer and
-//! [`MAX_REGISTRATIONS`] in all. Registrations that are not refreshed expire at the point after
-//! their TTL ([`MIN_TTL`] to [`MAX_TTL`], default [`DEFAULT_TTL`]): that is how a host that
-//! vanished without unregistering leaves the swarm.
+//! ([`DiscoveryError::Timeout`]); a DHT lookup takes at most [`DHT_WAIT`] more (its query times
+//! out then, and the call returns the providers resolved so far). A daemon keeps at most
+//! [`MAX_NAMESPACES`] namespaces registered, and a point stores at most [`MAX_NAMESPACES`]
+//! registrations per peer and [`MAX_REGISTRATIONS`] in all. Registrations that are not
+//! refreshed expire at the point after their TTL ([`MIN_TTL`] to [`MAX_TTL`], default
+//! [`DEFAULT_TTL`]): that is how a host that vanished without unregistering leaves the swarm.
 //!
-//! A point that vanishes without closing its connection (power loss, partition) is noticed only
-//! when TCP gives up on the connection: until then calls fail with [`DiscoveryError::Timeout`]
-//! and registration is retried on the old connection. (libp2p's ping, which would notice within
-//! seconds, is not among the node's libp2p features.)
+//! The DHT keeps libp2p's defaults where they bound memory: k-buckets of 20, at most 20
+//! providers stored per key (the first ones to arrive) and 1,024 keys per peer, 20 providers
+//! per answer. Provider records are the only thing stored: PUT_VALUE records are dropped, and
+//! so are provider records under keys no namespace could have. A lookup of a namespace that
+//! thousands of hosts provide therefore finds the few dozen whose records the storing peers
+//! kept, plus any provider it happens to ask directly; for a fallback that keeps a swarm going
+//! while its cache is away, that is enough. At most [`MAX_NAMESPACES`] lookups run at once
+//! (concurrent calls for one namespace share one).
+//!
+//! A host's connections other than to its points close after [`PEER_IDLE_TIMEOUT`] without
+//! traffic, so the DHT does not leave a host with a connection to every peer it ever asked;
+//! connections to points stay open. A point keeps idle connections for an hour (every host of
+//! its region is connected to it anyway).
+//!
+//! A point that vanishes without closing its connection (power loss, partition) is noticed by
+//! ping: after two consecutive failed pings (libp2p ignores the first), which takes between
+//! about 20 and 25 s with [`PING_INTERVAL`] and [`PING_TIMEOUT`], the connection is closed and
+//! the point redialed with back-off. Until then calls fall back to the DHT once the point's
+//! answer is overdue, and registration is retried on the old connection.
 //!
 //! Points are trusted infrastructure: libp2p's rendezvous client panics on a response of the
 //! wrong message type, which would stop this actor (every call then fails with
@@ -65,17 +126,30 @@
 //! [rendezvous protocol]: https://github.com/libp2p/specs/blob/master/rendezvous/README.md
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use libp2p::core::Endpoint;
+use libp2p::core::transport::PortUse;
+use libp2p::core::upgrade::DeniedUpgrade;
 use libp2p::futures::StreamExt;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::rendezvous::{self, Cookie, ErrorCode, Namespace, Registration};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, Swarm, TransportError, noise, tcp, yamux};
+use libp2p::swarm::handler::ConnectionEvent;
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, DialError,
+    FromSwarm, NetworkBehaviour, SubstreamProtocol, SwarmEvent, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{
+    Multiaddr, StreamProtocol, Swarm, TransportError, identify, kad, noise, ping, tcp, yamux,
+};
 use libp2p_identity::{Keypair, PeerId};
 use rand::seq::SliceRandom;
 use thiserror::Error;
@@ -130,9 +204,9 @@ const RETRY_UNAVAILABLE: Duration = Duration::from_secs(5);
 /// a refusal is a configuration mismatch and will not heal in seconds.
 const RETRY_REFUSED: Duration = Duration::from_secs(60);
 
-/// How long an idle libp2p connection stays open. Hosts refresh well inside it, so a host's
-/// connection to its point stays up for as long as it has a registration; a discover-only host
-/// reconnects on its next call after an hour of silence.
+/// How long a point keeps an idle libp2p connection open. Its hosts hold their side open for
+/// good ([`Hold`]), and refresh their registrations well inside it anyway; a discover-only
+/// host that the point dropped after an hour of silence redials at once.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// Discover cookies a point remembers. Fleetwave never sends cookies back, and libp2p walks
@@ -150,6 +224,51 @@ const INBOX_CAPACITY: usize = 64;
 
 /// How long [`Discovery::spawn`] waits for the listener to report its address.
 const LISTEN_WAIT: Duration = Duration::from_secs(5);
+
+/// How long provider records live at the peers that store them: a host that vanished without
+/// unregistering is handed out by DHT lookups for at most this long (by the rendezvous for at
+/// most its TTL). Ten minutes keeps re-publication cheap (one DHT query per namespace and host
+/// every [`PROVIDER_REPUBLISH`]) while a stale provider costs a lookup one failed dial.
+pub const PROVIDER_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// How often Kademlia re-publishes our provider records: half of [`PROVIDER_TTL`], so one lost
+/// re-publication never lets a record expire.
+pub const PROVIDER_REPUBLISH: Duration = Duration::from_secs(5 * 60);
+
+/// How long a DHT lookup (GET_PROVIDERS, then dialing and identifying the providers) may take
+/// before it answers with the providers resolved so far; also the timeout of every Kademlia
+/// query (libp2p's default is a minute). A region's DHT is a few hops deep, each a LAN round
+/// trip; a peer that does not answer is skipped after libp2p's 10 s request timeout.
+pub const DHT_WAIT: Duration = Duration::from_secs(10);
+
+/// Most providers one DHT lookup resolves (dials, if not connected, and identifies): a swarm
+/// wants a few dozen peers, and each resolution may cost a connection.
+pub const MAX_DHT_PEERS: usize = 64;
+
+/// How often every connection is pinged, from both ends (libp2p's default is 15 s). A point
+/// that vanished is noticed after two consecutive failures, 20 to 25 s (see the module docs).
+/// The price: a point with 20,000 hosts exchanges about 8,000 small pings a second.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a ping waits for its pong (libp2p's default is 20 s). Loopback and LAN round trips
+/// take milliseconds; this only has to ride out a stalled peer, not a slow one.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a host keeps an idle connection that is not to one of its points: the DHT's
+/// connections, to whatever peers a lookup or re-publication asked. Long enough that a lookup
+/// and the dials that resolve its providers share connections; short enough that a host does
+/// not accumulate a connection to every peer of its region.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Kademlia protocol of Fleetwave's region DHTs: not IPFS's, so that a region's DHT never
+/// merges with the public one.
+const DHT_PROTOCOL: StreamProtocol = StreamProtocol::new("/fleetwave/kad/1.0.0");
+
+/// Identify's protocol version string (informational: identify does not compare it).
+const IDENTIFY_VERSION: &str = "/fleetwave/1.0.0";
+
+/// Most TCP addresses of one peer (from its identify info) added to the routing table.
+const MAX_PEER_ADDRS: usize = 4;
 
 /// Configuration of one daemon's discovery actor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,7 +356,7 @@ pub enum DiscoveryError {
         max: usize,
     },
     /// No rendezvous point is configured, or none was reachable within [`CONNECT_WAIT`] (or all
-    /// dropped their connection before answering).
+    /// dropped their connection before answering), and no DHT peer answered in their stead.
     #[error("no rendezvous point reachable")]
     NoRendezvous,
     /// Every point that answered refused the request.
@@ -248,7 +367,8 @@ pub enum DiscoveryError {
         /// Its reason.
         code: ErrorCode,
     },
-    /// Points were connected but none answered within [`ANSWER_WAIT`].
+    /// Points were connected but none answered within [`ANSWER_WAIT`] (and the DHT had no one
+    /// else to ask), or a DHT lookup in their stead got no answer within [`DHT_WAIT`].
     #[error("no rendezvous point answered in time")]
     Timeout,
     /// The namespace was unregistered before any point accepted it.
@@ -288,17 +408,34 @@ impl Discovery {
                 .with_max_stored_cookies(MAX_STORED_COOKIES);
             rendezvous::server::Behaviour::new(limits)
         });
+        let points: HashSet<PeerId> =
+            config.points.iter().map(|p| p.peer_id).filter(|id| *id != local_peer_id).collect();
+        let mut dht = dht_behaviour(local_peer_id);
+        for point in config.points.iter().filter(|p| p.peer_id != local_peer_id) {
+            dht.add_address(&point.peer_id, tcp_multiaddr(point.addr));
+        }
+        let identify = identify::Config::new(IDENTIFY_VERSION.to_owned(), keypair.public())
+            .with_agent_version(format!("fleetwave-node/{}", env!("CARGO_PKG_VERSION")))
+            // Addresses for dials come from the routing table; identify's cache would add the
+            // chunk endpoints, which TCP cannot dial.
+            .with_cache_size(0);
         let behaviour = Behaviour {
             client: rendezvous::client::Behaviour::new(keypair.clone()),
             server: Toggle::from(server),
+            dht: Dht(dht),
+            identify: identify::Behaviour::new(identify),
+            ping: ping::Behaviour::new(
+                ping::Config::new().with_interval(PING_INTERVAL).with_timeout(PING_TIMEOUT),
+            ),
+            hold: Hold { points },
         };
+        let idle = if config.server { IDLE_TIMEOUT } else { PEER_IDLE_TIMEOUT };
         let Ok(builder) = libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
             .map_err(DiscoveryError::Transport)?
             .with_behaviour(|_| behaviour);
-        let mut swarm =
-            builder.with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT)).build();
+        let mut swarm = builder.with_swarm_config(|c| c.with_idle_connection_timeout(idle)).build();
 
         swarm.listen_on(tcp_multiaddr(config.listen)).map_err(|error| DiscoveryError::Listen {
             addr: config.listen,
@@ -309,7 +446,9 @@ impl Discovery {
         })?;
         let local_addr = wait_listening(&mut swarm, config.listen).await?;
         // The only external address: the signed peer record then names the chunk endpoint and
-        // nothing else (no identify or autonat runs to confirm others).
+        // nothing else (identify reports observed addresses only as candidates, and nothing
+        // here confirms candidates). Identify sends it to peers beside the listen addresses;
+        // Kademlia never sees it ([`Dht`]).
         swarm.add_external_address(quic_multiaddr(config.chunk_addr));
 
         let span = info_span!("discovery", peer = %local_peer_id, listen = %local_addr);
@@ -361,8 +500,12 @@ impl Discovery {
 
     /// Up to `limit` (at most [`MAX_DISCOVER_LIMIT`]) peers registered under `namespace` at the
     /// connected points, in random order, without ourselves and without duplicates. Waits up to
-    /// [`CONNECT_WAIT`] for a first connection to a point; points that fail are skipped, and the
-    /// call fails only if none answered.
+    /// [`CONNECT_WAIT`] for a first connection to a point; points that fail are skipped.
+    ///
+    /// When no point is connected (and the DHT knows some peer besides the points), or none of
+    /// the connected points answered, the peers come from a DHT lookup of `namespace` instead:
+    /// up to `limit` (at most [`MAX_DHT_PEERS`]) providers, each with the chunk address it told
+    /// us itself over identify. The call fails only if no point and no DHT peer answered.
     pub async fn discover(
         &self,
         namespace: &str,
@@ -373,6 +516,31 @@ impl Discovery {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Discover { namespace, limit, reply }).await?;
         answer.await.map_err(|_| DiscoveryError::Closed)?
+    }
+
+    /// Up to `limit` (at most [`MAX_DHT_PEERS`]) providers of `namespace` from a DHT lookup,
+    /// whatever the points would say: the fallback path of [`Discovery::discover`], for tests.
+    #[cfg(feature = "test-utils")]
+    pub async fn discover_dht(
+        &self,
+        namespace: &str,
+        limit: u32,
+    ) -> Result<Vec<DiscoveredPeer>, DiscoveryError> {
+        let namespace = parse_namespace(namespace)?;
+        let limit = limit.min(MAX_DISCOVER_LIMIT);
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::DiscoverDht { namespace, limit, reply }).await?;
+        answer.await.map_err(|_| DiscoveryError::Closed)?
+    }
+
+    /// Closes every connection except those to points and returns once they are closed (as
+    /// [`PEER_IDLE_TIMEOUT`] eventually would), so that the next DHT lookup has to dial and
+    /// identify its providers afresh; for tests.
+    #[cfg(feature = "test-utils")]
+    pub async fn disconnect_peers(&self) -> Result<(), DiscoveryError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Command::DisconnectPeers { reply }).await?;
+        done.await.map_err(|_| DiscoveryError::Closed)
     }
 
     /// Unregisters every namespace at the connected points (waiting at most a couple of
@@ -392,19 +560,235 @@ impl Discovery {
 
 /// The libp2p behaviour: always a rendezvous client (it only acts when asked), a server when
 /// configured. The server's request-response is inbound-only and the client's outbound-only,
-/// so both share the protocol on one connection without stepping on each other.
+/// so both share the protocol on one connection without stepping on each other. Beside them,
+/// on every daemon: the DHT, identify, ping, and [`Hold`].
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     client: rendezvous::client::Behaviour,
     server: Toggle<rendezvous::server::Behaviour>,
+    dht: Dht,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    hold: Hold,
+}
+
+/// The Kademlia behaviour of a daemon: server mode, provider records only, queries bounded by
+/// [`DHT_WAIT`], our own records re-published every [`PROVIDER_REPUBLISH`] and others' kept for
+/// [`PROVIDER_TTL`]; libp2p's default k-buckets and store limits.
+fn dht_behaviour(local: PeerId) -> kad::Behaviour<MemoryStore> {
+    let mut config = kad::Config::new(DHT_PROTOCOL);
+    config
+        .set_query_timeout(DHT_WAIT)
+        .set_provider_record_ttl(Some(PROVIDER_TTL))
+        .set_provider_publication_interval(Some(PROVIDER_REPUBLISH))
+        // Inbound records are checked by the actor ([`Actor::on_dht_inbound`]) before they are
+        // stored: provider records under namespace-like keys are, values never.
+        .set_record_filtering(kad::StoreInserts::FilterBoth)
+        .set_caching(kad::Caching::Disabled)
+        .set_publication_interval(None)
+        .set_replication_interval(None);
+    let store = MemoryStore::with_config(local, MemoryStoreConfig::default());
+    let mut dht = kad::Behaviour::with_config(local, store, config);
+    dht.set_mode(Some(kad::Mode::Server));
+    dht
+}
+
+/// Kademlia without the swarm's external addresses. Our only external address is the chunk
+/// endpoint (QUIC, for the rendezvous peer record), which Kademlia would put into our provider
+/// records as the address to reach us by; the DHT runs on TCP, so that address would make the
+/// storing peers hand out an undialable address and shadow the TCP ones a lookup learns from
+/// closer peers. Without it our records carry no address, and whoever answers with them fills
+/// in the TCP addresses from its routing table; when we answer for ourselves, Kademlia sends
+/// our listen addresses.
+struct Dht(kad::Behaviour<MemoryStore>);
+
+type DhtInner = kad::Behaviour<MemoryStore>;
+
+impl NetworkBehaviour for Dht {
+    type ConnectionHandler = <DhtInner as NetworkBehaviour>::ConnectionHandler;
+    type ToSwarm = kad::Event;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.0.handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.0.handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.0.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.0.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        match event {
+            FromSwarm::ExternalAddrConfirmed(_) | FromSwarm::ExternalAddrExpired(_) => {}
+            event => self.0.on_swarm_event(event),
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.0.on_connection_handler_event(peer_id, connection_id, event);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<kad::Event, THandlerInEvent<Self>>> {
+        self.0.poll(cx)
+    }
+}
+
+/// Keeps a host's connections to its points open however idle they are: the swarm's idle
+/// timeout is short on hosts ([`PEER_IDLE_TIMEOUT`], for the DHT's connections), and a host is
+/// meant to stay connected to its points. Every other connection gets a handler that does not
+/// care.
+struct Hold {
+    points: HashSet<PeerId>,
+}
+
+impl NetworkBehaviour for Hold {
+    type ConnectionHandler = HoldHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(HoldHandler { keep_alive: self.points.contains(&peer) })
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(HoldHandler { keep_alive: self.points.contains(&peer) })
+    }
+
+    fn on_swarm_event(&mut self, _: FromSwarm<'_>) {}
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: Infallible) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Infallible, Infallible>> {
+        Poll::Pending
+    }
+}
+
+/// [`Hold`]'s connection handler: speaks no protocol, only votes on keep-alive.
+struct HoldHandler {
+    keep_alive: bool,
+}
+
+impl ConnectionHandler for HoldHandler {
+    type FromBehaviour = Infallible;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = DeniedUpgrade;
+    type OutboundProtocol = DeniedUpgrade;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = ();
+
+    fn listen_protocol(&self) -> SubstreamProtocol<DeniedUpgrade> {
+        SubstreamProtocol::new(DeniedUpgrade, ())
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        self.keep_alive
+    }
+
+    fn poll(
+        &mut self,
+        _: &mut Context<'_>,
+    ) -> Poll<ConnectionHandlerEvent<DeniedUpgrade, (), Infallible>> {
+        Poll::Pending
+    }
+
+    fn on_behaviour_event(&mut self, event: Infallible) {
+        match event {}
+    }
+
+    fn on_connection_event(&mut self, _: ConnectionEvent<'_, DeniedUpgrade, DeniedUpgrade>) {
+        // DeniedUpgrade never negotiates; the rest is of no interest.
+    }
 }
 
 #[derive(Debug)]
 enum Command {
-    Register { namespace: Namespace, reply: oneshot::Sender<Result<(), DiscoveryError>> },
-    Unregister { namespace: Namespace, reply: oneshot::Sender<()> },
-    Discover { namespace: Namespace, limit: u32, reply: DiscoverReply },
-    Shutdown { reply: oneshot::Sender<()> },
+    Register {
+        namespace: Namespace,
+        reply: oneshot::Sender<Result<(), DiscoveryError>>,
+    },
+    Unregister {
+        namespace: Namespace,
+        reply: oneshot::Sender<()>,
+    },
+    Discover {
+        namespace: Namespace,
+        limit: u32,
+        reply: DiscoverReply,
+    },
+    #[cfg(feature = "test-utils")]
+    DiscoverDht {
+        namespace: Namespace,
+        limit: u32,
+        reply: DiscoverReply,
+    },
+    #[cfg(feature = "test-utils")]
+    DisconnectPeers {
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 type DiscoverReply = oneshot::Sender<Result<Vec<DiscoveredPeer>, DiscoveryError>>;
@@ -447,6 +831,12 @@ struct Wanted {
     at: HashMap<PeerId, PointRegistration>,
     /// Callers waiting for the first acceptance.
     waiters: Vec<(Instant, oneshot::Sender<Result<(), DiscoveryError>>)>,
+    /// Whether a publication of the provider record reached some DHT peer; until then it is
+    /// repeated on every connection to a point (Kademlia itself repeats it only every
+    /// [`PROVIDER_REPUBLISH`]).
+    published: bool,
+    /// Whether a publication is under way (a repeat then waits for its outcome).
+    publishing: bool,
 }
 
 /// A discover (or unregister barrier) call in progress.
@@ -477,6 +867,27 @@ enum OpStage {
         answered: bool,
         refused: Option<(PeerId, ErrorCode)>,
     },
+    /// Waiting for the DHT lookup of its namespace ([`Actor::lookups`]).
+    Dht,
+}
+
+/// A DHT lookup of one namespace, shared by the discover calls that fell back to it.
+#[derive(Debug)]
+struct Lookup {
+    /// The GET_PROVIDERS query, until it finished.
+    query: Option<kad::QueryId>,
+    /// The most peers any waiting op wants (at most [`MAX_DHT_PEERS`]).
+    limit: usize,
+    ops: Vec<u64>,
+    /// Providers seen, resolved or not (at most [`MAX_DHT_PEERS`]).
+    seen: HashSet<PeerId>,
+    /// Providers being dialed or identified.
+    resolving: HashSet<PeerId>,
+    /// Resolved providers and the chunk address each gave us over identify.
+    found: HashMap<PeerId, SocketAddr>,
+    /// Whether any DHT peer answered (possibly with nothing), or we knew providers ourselves.
+    reached: bool,
+    deadline: Instant,
 }
 
 /// DISCOVER requests for one (point, namespace). The rendezvous client reports answers by point
@@ -506,6 +917,15 @@ struct Actor {
     ops: HashMap<u64, Op>,
     next_op: u64,
     queries: HashMap<(PeerId, Namespace), Queries>,
+    /// Connected peers that identified themselves, with the chunk address they gave (`None`:
+    /// they advertise none). Forgotten when the last connection to the peer closes.
+    identified: HashMap<PeerId, Option<SocketAddr>>,
+    lookups: HashMap<Namespace, Lookup>,
+    /// The lookup each running GET_PROVIDERS query serves.
+    lookup_queries: HashMap<kad::QueryId, Namespace>,
+    /// [`Discovery::disconnect_peers`] callers, with the peers still to close.
+    #[cfg(feature = "test-utils")]
+    disconnecting: Vec<(HashSet<PeerId>, oneshot::Sender<()>)>,
     commands: mpsc::Receiver<Command>,
 }
 
@@ -542,6 +962,11 @@ impl Actor {
             ops: HashMap::new(),
             next_op: 0,
             queries: HashMap::new(),
+            identified: HashMap::new(),
+            lookups: HashMap::new(),
+            lookup_queries: HashMap::new(),
+            #[cfg(feature = "test-utils")]
+            disconnecting: Vec::new(),
             commands,
         }
     }
@@ -612,6 +1037,45 @@ impl Actor {
             Command::Discover { namespace, limit, reply } => {
                 self.discover(namespace, limit, reply, now);
             }
+            #[cfg(feature = "test-utils")]
+            Command::DiscoverDht { namespace, limit, reply } => {
+                if limit == 0 {
+                    let _ = reply.send(Ok(Vec::new()));
+                    return;
+                }
+                let op = Op {
+                    namespace,
+                    limit: limit as usize,
+                    reply: OpReply::Discover(reply),
+                    deadline: now,
+                    stage: OpStage::Connecting,
+                };
+                if !self.can_look_up(&op.namespace) {
+                    if let OpReply::Discover(reply) = op.reply {
+                        let _ = reply.send(Err(DiscoveryError::NoRendezvous));
+                    }
+                    return;
+                }
+                let id = self.next_op_id();
+                self.start_lookup(id, op, now);
+            }
+            #[cfg(feature = "test-utils")]
+            Command::DisconnectPeers { reply } => {
+                let peers: HashSet<PeerId> = self
+                    .swarm
+                    .connected_peers()
+                    .filter(|peer| !self.points.contains_key(peer))
+                    .copied()
+                    .collect();
+                for peer in &peers {
+                    let _ = self.swarm.disconnect_peer_id(*peer);
+                }
+                if peers.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    self.disconnecting.push((peers, reply));
+                }
+            }
             Command::Shutdown { .. } => {} // handled by `run`
         }
     }
@@ -630,11 +1094,15 @@ impl Actor {
             let _ = reply.send(Err(DiscoveryError::TooManyNamespaces { max: MAX_NAMESPACES }));
             return;
         }
-        let points = &self.points;
-        let wanted = self.wanted.entry(namespace.clone()).or_insert_with(|| Wanted {
-            at: points.keys().map(|id| (*id, PointRegistration::Idle)).collect(),
-            waiters: Vec::new(),
-        });
+        if !self.wanted.contains_key(&namespace) {
+            let at = self.points.keys().map(|id| (*id, PointRegistration::Idle)).collect();
+            let wanted = Wanted { at, waiters: Vec::new(), published: false, publishing: false };
+            self.wanted.insert(namespace.clone(), wanted);
+            self.provide(&namespace);
+        }
+        let Some(wanted) = self.wanted.get_mut(&namespace) else {
+            return; // inserted just above
+        };
         if wanted.at.values().any(PointRegistration::accepted) {
             let _ = reply.send(Ok(()));
             return;
@@ -662,6 +1130,7 @@ impl Actor {
             let _ = reply.send(());
             return;
         };
+        self.swarm.behaviour_mut().dht.0.stop_providing(&dht_key(&namespace));
         for (_, waiter) in wanted.waiters {
             let _ =
                 waiter.send(Err(DiscoveryError::Cancelled { namespace: namespace.to_string() }));
@@ -704,8 +1173,13 @@ impl Actor {
         let connected = self.connected_points();
         if connected.is_empty() {
             let id = self.next_op_id();
-            debug!(namespace = %op.namespace, "waiting for a rendezvous point");
-            self.ops.insert(id, op);
+            if self.can_look_up(&op.namespace) {
+                debug!(namespace = %op.namespace, "no rendezvous point connected; asking the DHT");
+                self.start_lookup(id, op, now);
+            } else {
+                debug!(namespace = %op.namespace, "waiting for a rendezvous point");
+                self.ops.insert(id, op);
+            }
         } else {
             self.start_op(op, connected, now);
         }
@@ -793,10 +1267,10 @@ impl Actor {
             Err(code) => debug!(point = %point, namespace = %namespace, ?code, "discover failed"),
         }
         for id in answered.ops {
-            self.op_answer(id, point, answer.as_deref().map_err(|code| *code));
+            self.op_answer(id, point, answer.as_deref().map_err(|code| *code), now);
         }
         for id in dropped {
-            self.op_answer(id, point, Err(ErrorCode::Unavailable));
+            self.op_answer(id, point, Err(ErrorCode::Unavailable), now);
         }
     }
 
@@ -841,12 +1315,18 @@ impl Actor {
             let mut ops = lost.map(|q| q.ops).unwrap_or_default();
             ops.extend(self.send_queued(key, now));
             for id in ops {
-                self.op_answer(id, point, Err(ErrorCode::Unavailable));
+                self.op_answer(id, point, Err(ErrorCode::Unavailable), now);
             }
         }
     }
 
-    fn op_answer(&mut self, id: u64, point: PeerId, answer: Result<&[DiscoveredPeer], ErrorCode>) {
+    fn op_answer(
+        &mut self,
+        id: u64,
+        point: PeerId,
+        answer: Result<&[DiscoveredPeer], ErrorCode>,
+        now: Instant,
+    ) {
         let Some(op) = self.ops.get_mut(&id) else {
             return; // timed out already
         };
@@ -867,15 +1347,27 @@ impl Actor {
             Err(code) => *refused = Some((point, code)),
         }
         if waiting.is_empty() {
-            self.finish_op(id);
+            self.finish_op(id, now);
         }
     }
 
-    /// Replies to op `id` with what it has: its deadline passed or every point answered.
-    fn finish_op(&mut self, id: u64) {
+    /// Replies to op `id` with what it has: its deadline passed or every point answered. A
+    /// discover that no point answered falls back to the DHT instead, if the DHT knows anyone.
+    fn finish_op(&mut self, id: u64, now: Instant) {
         let Some(op) = self.ops.remove(&id) else {
             return;
         };
+        let unanswered = match &op.stage {
+            OpStage::Connecting => true,
+            OpStage::Asked { answered, refused, .. } => !answered && refused.is_none(),
+            OpStage::Dht => false,
+        };
+        if unanswered && matches!(op.reply, OpReply::Discover(_)) && self.can_look_up(&op.namespace)
+        {
+            debug!(namespace = %op.namespace, "no rendezvous point answered; asking the DHT");
+            self.start_lookup(id, op, now);
+            return;
+        }
         let reply = match op.reply {
             OpReply::Barrier(reply) => {
                 let _ = reply.send(());
@@ -900,7 +1392,7 @@ impl Actor {
             OpStage::Asked { waiting, .. } if waiting.is_empty() => {
                 Err(DiscoveryError::NoRendezvous)
             }
-            OpStage::Asked { .. } => Err(DiscoveryError::Timeout),
+            OpStage::Asked { .. } | OpStage::Dht => Err(DiscoveryError::Timeout),
         };
         let _ = reply.send(result);
     }
@@ -1002,6 +1494,15 @@ impl Actor {
             .collect();
         for namespace in idle {
             self.send_register(point, &namespace, now);
+        }
+        let unpublished: Vec<Namespace> = self
+            .wanted
+            .iter()
+            .filter(|(_, w)| !w.published && !w.publishing)
+            .map(|(namespace, _)| namespace.clone())
+            .collect();
+        for namespace in unpublished {
+            self.provide(&namespace);
         }
         // Waiters waited for a connection; now they wait for an answer.
         for wanted in self.wanted.values_mut() {
@@ -1115,10 +1616,20 @@ impl Actor {
             self.send_register(point, &namespace, now);
         }
 
+        // Lookups first: their ops share their deadline and are answered by them.
+        let lookups: Vec<Namespace> = self
+            .lookups
+            .iter()
+            .filter(|(_, lookup)| lookup.deadline <= now)
+            .map(|(namespace, _)| namespace.clone())
+            .collect();
+        for namespace in lookups {
+            self.check_lookup(&namespace, now);
+        }
         let expired: Vec<u64> =
             self.ops.iter().filter(|(_, op)| op.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
-            self.finish_op(id);
+            self.finish_op(id, now);
         }
         self.expire_queries(now);
     }
@@ -1148,7 +1659,8 @@ impl Actor {
             .values()
             .filter_map(|q| q.in_flight.as_ref().and_then(|f| f.sent_at))
             .map(|sent_at| sent_at + ANSWER_WAIT);
-        redials.chain(registrations).chain(ops).chain(queries).min()
+        let lookups = self.lookups.values().map(|lookup| lookup.deadline);
+        redials.chain(registrations).chain(ops).chain(queries).chain(lookups).min()
     }
 
     fn connected_points(&self) -> Vec<PeerId> {
@@ -1161,25 +1673,377 @@ impl Actor {
                 self.on_client_event(event, now)
             }
             SwarmEvent::Behaviour(BehaviourEvent::Server(event)) => on_server_event(event),
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.on_connected(peer_id, now),
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. }
-                if self.points.contains_key(&peer_id) =>
-            {
-                let cause = cause.map(|c| c.to_string());
-                warn!(point = %peer_id, ?cause, "connection to rendezvous point closed");
-                self.on_disconnected(peer_id, now);
+            SwarmEvent::Behaviour(BehaviourEvent::Dht(event)) => self.on_dht_event(event, now),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => {
+                self.on_identify_event(event, now)
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. }
-                if self.points.contains_key(&peer_id) =>
-            {
-                warn!(point = %peer_id, %error, "cannot connect to rendezvous point");
-                self.on_dial_failed(peer_id, now);
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => self.on_ping_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Hold(never)) => match never {},
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.on_connected(peer_id, now),
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+                self.identified.remove(&peer_id);
+                #[cfg(feature = "test-utils")]
+                self.disconnected(peer_id);
+                self.unresolvable(peer_id, now);
+                if self.points.contains_key(&peer_id) {
+                    let cause = cause.map(|c| c.to_string());
+                    warn!(point = %peer_id, ?cause, "connection to rendezvous point closed");
+                    self.on_disconnected(peer_id, now);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
+                if !self.swarm.is_connected(&peer_id) {
+                    self.unresolvable(peer_id, now);
+                }
+                if self.points.contains_key(&peer_id) {
+                    warn!(point = %peer_id, %error, "cannot connect to rendezvous point");
+                    self.on_dial_failed(peer_id, now);
+                } else {
+                    debug!(peer = %peer_id, %error, "cannot connect to peer");
+                }
             }
             SwarmEvent::ListenerClosed { reason: Err(error), .. }
             | SwarmEvent::ListenerError { error, .. } => {
                 warn!(%error, "libp2p listener failed");
             }
             _ => {}
+        }
+    }
+
+    /// Answers the [`Discovery::disconnect_peers`] callers that waited for `peer` last.
+    #[cfg(feature = "test-utils")]
+    fn disconnected(&mut self, peer: PeerId) {
+        for (mut peers, reply) in std::mem::take(&mut self.disconnecting) {
+            peers.remove(&peer);
+            if peers.is_empty() {
+                let _ = reply.send(());
+            } else {
+                self.disconnecting.push((peers, reply));
+            }
+        }
+    }
+
+    /// Publishes our provider record of wanted `namespace` in the DHT (Kademlia re-publishes it
+    /// until [`kad::Behaviour::stop_providing`]).
+    fn provide(&mut self, namespace: &Namespace) {
+        let Some(wanted) = self.wanted.get_mut(namespace) else {
+            return;
+        };
+        match self.swarm.behaviour_mut().dht.0.start_providing(dht_key(namespace)) {
+            Ok(_) => {
+                debug!(%namespace, "publishing provider record");
+                wanted.publishing = true;
+            }
+            Err(error) => warn!(%namespace, %error, "cannot store our provider record"),
+        }
+    }
+
+    /// Whether a DHT lookup has anyone to ask besides the points: a peer the points did not
+    /// hand us is what makes the DHT a fallback rather than a detour to the same points.
+    fn dht_usable(&mut self) -> bool {
+        let points = &self.points;
+        self.swarm
+            .behaviour_mut()
+            .dht
+            .0
+            .kbuckets()
+            .any(|bucket| bucket.iter().any(|e| !points.contains_key(e.node.key.preimage())))
+    }
+
+    /// Whether a discover of `namespace` can fall back to the DHT: it has someone to ask, and a
+    /// lookup of the namespace runs already or another may start.
+    fn can_look_up(&mut self, namespace: &Namespace) -> bool {
+        if !self.dht_usable() {
+            return false;
+        }
+        if !self.lookups.contains_key(namespace) && self.lookups.len() >= MAX_NAMESPACES {
+            warn!(%namespace, "too many DHT lookups running");
+            return false;
+        }
+        true
+    }
+
+    /// Moves discover op `id` to the DHT lookup of its namespace, starting one if none runs
+    /// (the caller checked [`Actor::can_look_up`]).
+    fn start_lookup(&mut self, id: u64, mut op: Op, now: Instant) {
+        let want = op.limit.min(MAX_DHT_PEERS);
+        let namespace = op.namespace.clone();
+        let deadline = match self.lookups.get_mut(&namespace) {
+            Some(lookup) => {
+                lookup.limit = lookup.limit.max(want);
+                lookup.ops.push(id);
+                lookup.deadline
+            }
+            None => {
+                let query = self.swarm.behaviour_mut().dht.0.get_providers(dht_key(&namespace));
+                debug!(%namespace, ?query, "looking up providers");
+                self.lookup_queries.insert(query, namespace.clone());
+                let lookup = Lookup {
+                    query: Some(query),
+                    limit: want,
+                    ops: vec![id],
+                    seen: HashSet::new(),
+                    resolving: HashSet::new(),
+                    found: HashMap::new(),
+                    reached: false,
+                    deadline: now + DHT_WAIT,
+                };
+                self.lookups.insert(namespace.clone(), lookup);
+                now + DHT_WAIT
+            }
+        };
+        op.deadline = deadline;
+        op.stage = OpStage::Dht;
+        self.ops.insert(id, op);
+        self.check_lookup(&namespace, now); // one that has enough already answers at once
+    }
+
+    /// Learns the chunk address of `provider` for the lookup of `namespace`: from its identify
+    /// info if connected, else by dialing it (the routing table, or the running query, knows
+    /// its TCP addresses) and waiting for identify.
+    fn resolve(&mut self, namespace: &Namespace, provider: PeerId) {
+        let Some(lookup) = self.lookups.get_mut(namespace) else {
+            return;
+        };
+        if provider == self.local
+            || lookup.seen.contains(&provider)
+            || lookup.seen.len() >= MAX_DHT_PEERS
+        {
+            return;
+        }
+        lookup.seen.insert(provider);
+        match self.identified.get(&provider) {
+            Some(Some(chunk_addr)) => {
+                lookup.found.insert(provider, *chunk_addr);
+            }
+            Some(None) => {} // identified, without a chunk endpoint
+            None if self.swarm.is_connected(&provider) => {
+                lookup.resolving.insert(provider); // identify is under way
+            }
+            None => {
+                let opts = DialOpts::peer_id(provider)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                match self.swarm.dial(opts) {
+                    Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                        lookup.resolving.insert(provider);
+                    }
+                    Err(error) => debug!(peer = %provider, %error, "cannot dial provider"),
+                }
+            }
+        }
+    }
+
+    /// `peer` cannot be identified (its connection closed, or the dial failed): lookups stop
+    /// waiting for it.
+    fn unresolvable(&mut self, peer: PeerId, now: Instant) {
+        let waiting: Vec<Namespace> = self
+            .lookups
+            .iter_mut()
+            .filter_map(|(namespace, lookup)| {
+                lookup.resolving.remove(&peer).then(|| namespace.clone())
+            })
+            .collect();
+        for namespace in waiting {
+            self.check_lookup(&namespace, now);
+        }
+    }
+
+    /// Answers the lookup of `namespace` if it is done: enough providers resolved, or the query
+    /// finished and every provider resolved or failed, or its deadline passed.
+    fn check_lookup(&mut self, namespace: &Namespace, now: Instant) {
+        let Some(lookup) = self.lookups.get(namespace) else {
+            return;
+        };
+        let expired = lookup.deadline <= now;
+        let settled = lookup.query.is_none() && lookup.resolving.is_empty();
+        if lookup.found.len() < lookup.limit && !settled && !expired {
+            return;
+        }
+        let Some(lookup) = self.lookups.remove(namespace) else {
+            return;
+        };
+        if let Some(query) = lookup.query {
+            self.lookup_queries.remove(&query);
+            if let Some(mut running) = self.swarm.behaviour_mut().dht.0.query_mut(&query) {
+                running.finish();
+            }
+        }
+        debug!(
+            %namespace,
+            found = lookup.found.len(),
+            reached = lookup.reached,
+            expired,
+            "DHT lookup done"
+        );
+        let peers: Vec<DiscoveredPeer> = lookup
+            .found
+            .into_iter()
+            .map(|(peer_id, chunk_addr)| DiscoveredPeer { peer_id, chunk_addr })
+            .collect();
+        for id in lookup.ops {
+            let Some(op) = self.ops.remove(&id) else {
+                continue;
+            };
+            let OpReply::Discover(reply) = op.reply else {
+                continue;
+            };
+            let result = if lookup.reached || !peers.is_empty() {
+                let mut peers = peers.clone();
+                peers.shuffle(&mut rand::thread_rng());
+                peers.truncate(op.limit);
+                Ok(peers)
+            } else if expired {
+                Err(DiscoveryError::Timeout)
+            } else {
+                Err(DiscoveryError::NoRendezvous)
+            };
+            let _ = reply.send(result);
+        }
+    }
+
+    fn on_dht_event(&mut self, event: kad::Event, now: Instant) {
+        match event {
+            kad::Event::OutboundQueryProgressed { id, result, stats, step } => match result {
+                kad::QueryResult::GetProviders(result) => {
+                    self.on_providers(id, result, stats.num_successes() > 0, step.last, now);
+                }
+                kad::QueryResult::StartProviding(result)
+                | kad::QueryResult::RepublishProvider(result) => {
+                    let reached = stats.num_successes();
+                    match result {
+                        Ok(kad::AddProviderOk { key }) => self.on_published(&key, reached),
+                        Err(error) => {
+                            debug!(%error, reached, "provider record publication timed out");
+                            self.on_published(error.key(), reached);
+                        }
+                    }
+                }
+                kad::QueryResult::Bootstrap(Err(error)) => debug!(%error, "DHT bootstrap"),
+                _ => {}
+            },
+            kad::Event::InboundRequest { request } => self.on_dht_inbound(request),
+            kad::Event::RoutingUpdated { peer, is_new_peer: true, .. } => {
+                debug!(%peer, "DHT peer added");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_providers(
+        &mut self,
+        query: kad::QueryId,
+        result: kad::GetProvidersResult,
+        answered: bool,
+        last: bool,
+        now: Instant,
+    ) {
+        let Some(namespace) = self.lookup_queries.get(&query).cloned() else {
+            return; // a lookup that is done already
+        };
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            // Our own record (from our store) is no news.
+            let others = providers.iter().any(|p| *p != self.local);
+            if let Some(lookup) = self.lookups.get_mut(&namespace) {
+                lookup.reached |= others;
+            }
+            for provider in providers {
+                self.resolve(&namespace, provider);
+            }
+        }
+        if last {
+            self.lookup_queries.remove(&query);
+            if let Some(lookup) = self.lookups.get_mut(&namespace) {
+                lookup.query = None;
+                lookup.reached |= answered;
+            }
+        }
+        self.check_lookup(&namespace, now);
+    }
+
+    /// A publication of our provider record under `key` finished, having reached `reached` peers.
+    fn on_published(&mut self, key: &kad::RecordKey, reached: u32) {
+        let wanted = self.wanted.iter_mut().find(|(namespace, _)| dht_key(namespace) == *key);
+        if let Some((namespace, wanted)) = wanted {
+            wanted.publishing = false;
+            if reached > 0 {
+                debug!(%namespace, reached, "provider record published");
+                wanted.published = true;
+            }
+        }
+    }
+
+    /// With [`kad::StoreInserts::FilterBoth`], inbound records wait for us: provider records
+    /// under a key a namespace could be are stored (the libp2p store bounds them), values are
+    /// dropped.
+    fn on_dht_inbound(&mut self, request: kad::InboundRequest) {
+        let kad::InboundRequest::AddProvider { record: Some(record) } = request else {
+            return;
+        };
+        let len = record.key.as_ref().len();
+        if len == 0 || len > rendezvous::MAX_NAMESPACE {
+            debug!(peer = %record.provider, len, "dropping provider record with a foreign key");
+            return;
+        }
+        if let Err(error) = self.swarm.behaviour_mut().dht.0.store_mut().add_provider(record) {
+            debug!(%error, "provider record not stored");
+        }
+    }
+
+    fn on_identify_event(&mut self, event: identify::Event, now: Instant) {
+        match event {
+            identify::Event::Received { peer_id, info, .. } => {
+                // The info came over a connection authenticated as `peer_id`: its addresses
+                // are the ones the peer itself claims.
+                let chunk_addr = info.listen_addrs.iter().find_map(|a| chunk_addr_of(a, peer_id));
+                self.identified.insert(peer_id, chunk_addr);
+                if info.protocols.contains(&DHT_PROTOCOL) {
+                    let dht = &mut self.swarm.behaviour_mut().dht.0;
+                    for addr in dht_addrs(&info.listen_addrs) {
+                        dht.add_address(&peer_id, addr);
+                    }
+                }
+                let waiting: Vec<Namespace> = self
+                    .lookups
+                    .iter_mut()
+                    .filter_map(|(namespace, lookup)| {
+                        if !lookup.resolving.remove(&peer_id) {
+                            return None;
+                        }
+                        if let Some(chunk_addr) = chunk_addr {
+                            lookup.found.insert(peer_id, chunk_addr);
+                        }
+                        Some(namespace.clone())
+                    })
+                    .collect();
+                for namespace in waiting {
+                    self.check_lookup(&namespace, now);
+                }
+            }
+            identify::Event::Error { peer_id, error, .. } => {
+                debug!(peer = %peer_id, %error, "identify failed");
+                if !self.identified.contains_key(&peer_id) {
+                    self.unresolvable(peer_id, now);
+                }
+            }
+            identify::Event::Sent { .. } | identify::Event::Pushed { .. } => {}
+        }
+    }
+
+    /// Closes a connection whose pings fail: the peer vanished without closing it (the first
+    /// failure is forgiven by libp2p). For a point, the close then triggers the redial.
+    fn on_ping_event(&mut self, event: ping::Event) {
+        let ping::Event { peer, connection, result } = event;
+        match result {
+            Ok(_) | Err(ping::Failure::Unsupported) => {}
+            Err(failure) => {
+                if self.points.contains_key(&peer) {
+                    warn!(point = %peer, %failure, "rendezvous point does not answer pings");
+                } else {
+                    debug!(%peer, %failure, "peer does not answer pings");
+                }
+                self.swarm.close_connection(connection);
+            }
         }
     }
 
@@ -1363,6 +2227,40 @@ fn parse_namespace(namespace: &str) -> Result<Namespace, DiscoveryError> {
     Namespace::new(namespace.to_owned()).map_err(|_| invalid())
 }
 
+/// The DHT key of a namespace: its bytes.
+fn dht_key(namespace: &Namespace) -> kad::RecordKey {
+    kad::RecordKey::new(&namespace.to_string())
+}
+
+/// The addresses of `listen_addrs` (a peer's identify info) worth putting into the routing
+/// table: `/ip4|ip6/A/tcp/P` (optionally `/p2p/..`), the ones the swarm can dial; loopback ones
+/// only if the peer has no others (a daemon listening on all interfaces lists loopback too,
+/// which would lead other machines to dial themselves); at most [`MAX_PEER_ADDRS`].
+fn dht_addrs(listen_addrs: &[Multiaddr]) -> Vec<Multiaddr> {
+    let tcp_ip = |addr: &Multiaddr| -> Option<IpAddr> {
+        let mut parts = addr.iter();
+        let ip = match parts.next()? {
+            Protocol::Ip4(ip) => IpAddr::V4(ip),
+            Protocol::Ip6(ip) => IpAddr::V6(ip),
+            _ => return None,
+        };
+        let Protocol::Tcp(port) = parts.next()? else {
+            return None;
+        };
+        let tail_ok =
+            matches!(parts.next(), None | Some(Protocol::P2p(_))) && parts.next().is_none();
+        (tail_ok && port != 0 && !ip.is_unspecified() && !ip.is_multicast()).then_some(ip)
+    };
+    let tcp: Vec<(IpAddr, &Multiaddr)> =
+        listen_addrs.iter().filter_map(|a| tcp_ip(a).map(|ip| (ip, a))).collect();
+    let only_loopback = tcp.iter().all(|(ip, _)| ip.is_loopback());
+    tcp.into_iter()
+        .filter(|(ip, _)| only_loopback || !ip.is_loopback())
+        .map(|(_, addr)| addr.clone())
+        .take(MAX_PEER_ADDRS)
+        .collect()
+}
+
 fn tcp_multiaddr(addr: SocketAddr) -> Multiaddr {
     Multiaddr::empty().with(Protocol::from(addr.ip())).with(Protocol::Tcp(addr.port()))
 }
@@ -1400,6 +2298,29 @@ mod tests {
         assert_eq!(chunk_addr_of(&quic_multiaddr(unspecified), peer), None);
         let port0: SocketAddr = "10.0.0.7:0".parse().expect("literal");
         assert_eq!(chunk_addr_of(&quic_multiaddr(port0), peer), None);
+    }
+
+    #[test]
+    fn the_dht_gets_dialable_tcp_addresses_and_loopback_only_as_a_last_resort() {
+        let addr = |s: &str| -> Multiaddr { s.parse().expect("literal") };
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let lan = addr("/ip4/10.0.0.7/tcp/4001");
+        let lan_p2p = lan.clone().with(Protocol::P2p(peer));
+        let listed = [
+            addr("/ip4/127.0.0.1/tcp/4001"),
+            lan.clone(),
+            addr("/ip4/10.0.0.7/udp/4433/quic-v1"),
+            addr("/ip4/0.0.0.0/tcp/4001"),
+            addr("/ip4/10.0.0.7/tcp/0"),
+            addr("/ip4/10.0.0.7/tcp/4001/ws"),
+            lan_p2p.clone(),
+        ];
+        assert_eq!(dht_addrs(&listed), vec![lan, lan_p2p]);
+        let local = [addr("/ip4/127.0.0.1/tcp/4001"), addr("/ip4/127.0.0.1/udp/4433/quic-v1")];
+        assert_eq!(dht_addrs(&local), vec![addr("/ip4/127.0.0.1/tcp/4001")]);
+        let many: Vec<Multiaddr> =
+            (1..=10).map(|i| addr(&format!("/ip4/10.0.0.{i}/tcp/4001"))).collect();
+        assert_eq!(dht_addrs(&many).len(), MAX_PEER_ADDRS);
     }
 
     #[test]

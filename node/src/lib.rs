@@ -22,7 +22,8 @@
 //!   codes) and a per-connection session that maps frames to and from the scheduler.
 //! - [`transport`]: QUIC endpoints (quinn) whose certificates prove the libp2p PeerId of each
 //!   side; a connection to the wrong identity never completes its handshake.
-//! - [`discovery`]: rendezvous registration and discovery of swarm peers (PeerId, chunk address).
+//! - [`discovery`]: finding swarm peers (PeerId, chunk address): rendezvous at the region's
+//!   cache or the origin, Kademlia when no rendezvous point answers.
 //! - [`activate`]: switching a host's service to a staged release: lifecycle hooks, health
 //!   checks, crash-safe state, rollback as a switch back, secrets injected into hooks.
 //! - [`daemon`]: the daemon itself: configuration, identity, metrics, one swarm actor per

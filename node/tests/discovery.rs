@@ -1,17 +1,21 @@
 //! Rendezvous discovery on loopback: hosts find exactly the other hosts of their namespace, with
 //! the chunk address each one signed, stop finding a host once it unregisters, come back after
-//! their point restarts, and fail with a typed error when no point is reachable.
+//! their point restarts, and fail with a typed error when no point is reachable. Without their
+//! point, hosts find each other through the DHT, with the chunk address each one gave over
+//! identify; a point that goes silent without closing its connection is noticed and redialed.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fleetwave_node::discovery::{
-    CONNECT_WAIT, DiscoveredPeer, Discovery, DiscoveryConfig, DiscoveryError, MAX_TTL,
-    RendezvousPoint,
+    CONNECT_WAIT, DiscoveredPeer, Discovery, DiscoveryConfig, DiscoveryError, MAX_TTL, MIN_TTL,
+    PING_INTERVAL, PING_TIMEOUT, RendezvousPoint,
 };
 use libp2p_identity::{Keypair, PeerId};
+use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
 /// Upper bound on any single await: loopback round trips take milliseconds, so only a hang hits
@@ -52,12 +56,20 @@ struct Host {
 }
 
 async fn host(points: Vec<RendezvousPoint>, chunk_port: u16) -> Result<Host> {
+    host_with_ttl(points, chunk_port, fleetwave_node::discovery::DEFAULT_TTL).await
+}
+
+async fn host_with_ttl(
+    points: Vec<RendezvousPoint>,
+    chunk_port: u16,
+    ttl: Duration,
+) -> Result<Host> {
     let keypair = Keypair::generate_ed25519();
     let me = DiscoveredPeer {
         peer_id: keypair.public().to_peer_id(),
         chunk_addr: chunk_addr(chunk_port),
     };
-    let config = DiscoveryConfig { points, ..DiscoveryConfig::new(loopback(), me.chunk_addr) };
+    let config = DiscoveryConfig { points, ttl, ..DiscoveryConfig::new(loopback(), me.chunk_addr) };
     let discovery = timeout(BOUND, Discovery::spawn(keypair, config)).await??;
     assert_eq!(discovery.local_peer_id(), me.peer_id);
     Ok(Host { discovery, me })
@@ -80,6 +92,13 @@ impl Host {
         Ok(set)
     }
 
+    async fn discover_dht(&self, namespace: &str, limit: u32) -> Result<HashSet<DiscoveredPeer>> {
+        let peers = timeout(BOUND, self.discovery.discover_dht(namespace, limit)).await??;
+        let set: HashSet<DiscoveredPeer> = peers.iter().copied().collect();
+        assert_eq!(set.len(), peers.len(), "duplicates in {peers:?}");
+        Ok(set)
+    }
+
     async fn shutdown(self) -> Result<()> {
         Ok(timeout(BOUND, self.discovery.shutdown()).await?)
     }
@@ -87,6 +106,32 @@ impl Host {
 
 fn set<const N: usize>(peers: [&DiscoveredPeer; N]) -> HashSet<DiscoveredPeer> {
     peers.into_iter().copied().collect()
+}
+
+/// Polls `found` every 100 ms until it returns `want`, for at most `bound`; an error counts as
+/// "not yet" (and is reported if the bound runs out).
+async fn eventually<F, Fut>(
+    bound: Duration,
+    what: &str,
+    want: &HashSet<DiscoveredPeer>,
+    mut found: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<HashSet<DiscoveredPeer>>>,
+{
+    let mut last = None;
+    let polled = timeout(bound, async {
+        loop {
+            match found().await {
+                Ok(peers) if peers == *want => return,
+                other => last = Some(other),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    polled.with_context(|| format!("{what}: wanted {want:?}, last got {last:?}"))
 }
 
 #[tokio::test]
@@ -262,6 +307,126 @@ async fn configuration_errors_are_typed() -> Result<()> {
         other => bail!("{other:?}"),
     }
 
+    timeout(BOUND, server.shutdown()).await?;
+    Ok(())
+}
+
+/// Three hosts register X at one point; the point goes away; each host still finds the other
+/// two through the DHT, each with its PeerId and the chunk address it gave over identify.
+#[tokio::test]
+async fn hosts_find_each_other_through_the_dht_once_the_point_is_gone() -> Result<()> {
+    let (server, rendezvous) = point(Keypair::generate_ed25519(), loopback()).await?;
+    let a = host(vec![rendezvous], 4501).await?;
+    let b = host(vec![rendezvous], 4502).await?;
+    let c = host(vec![rendezvous], 4503).await?;
+    for h in [&a, &b, &c] {
+        h.register(X).await?;
+    }
+    let others = |h: &Host| -> HashSet<DiscoveredPeer> {
+        [&a.me, &b.me, &c.me].into_iter().filter(|p| **p != h.me).copied().collect()
+    };
+
+    // While the point is up, each host's DHT lookup finds the other two: the DHT has settled,
+    // and each host has been in contact with the others, so they sit in its routing table.
+    for h in [&a, &b, &c] {
+        eventually(BOUND, "DHT lookup with the point up", &others(h), || h.discover_dht(X, 10))
+            .await?;
+    }
+
+    // While a point answers, its answer is the answer: once A unregisters, B no longer gets A
+    // from `discover`, though A's provider record lives on in the DHT until it expires.
+    a.unregister(X).await?;
+    assert_eq!(b.discover(X, 10).await?, set([&c.me]));
+    assert!(b.discover_dht(X, 10).await?.contains(&a.me));
+    a.register(X).await?;
+    assert_eq!(b.discover(X, 10).await?, set([&a.me, &c.me]));
+
+    timeout(BOUND, server.shutdown()).await?;
+
+    // No point left: every host still finds the other two, from the DHT at once rather than
+    // after waiting [`CONNECT_WAIT`] for a point (the lookup itself takes milliseconds here).
+    for h in [&a, &b, &c] {
+        let what = "discover without the point";
+        eventually(CONNECT_WAIT, what, &others(h), || h.discover(X, 10)).await?;
+    }
+    // Again with no connections left among the hosts (as after their idle timeout): the chunk
+    // addresses now come from identify on connections the lookups dial afresh.
+    for h in [&a, &b, &c] {
+        timeout(BOUND, h.discovery.disconnect_peers()).await??;
+    }
+    for h in [&a, &b, &c] {
+        let what = "discover over fresh connections";
+        eventually(CONNECT_WAIT, what, &others(h), || h.discover(X, 10)).await?;
+    }
+    // The limit bounds a DHT answer too, and a namespace nobody provides is empty, not an error.
+    let one = a.discover(X, 1).await?;
+    assert_eq!(one.len(), 1);
+    assert!(one.is_subset(&others(&a)), "{one:?}");
+    assert_eq!(a.discover(Y, 10).await?, HashSet::new());
+
+    a.shutdown().await?;
+    b.shutdown().await?;
+    c.shutdown().await?;
+    Ok(())
+}
+
+/// A loopback TCP relay to `upstream` whose connections can be frozen: once `freeze` is sent,
+/// the connections relayed so far stop carrying bytes but stay open (as with a point that lost
+/// power: no FIN, no RST); connections accepted later are relayed again.
+async fn relay(upstream: SocketAddr) -> Result<(SocketAddr, watch::Sender<u64>)> {
+    let listener = tokio::net::TcpListener::bind(loopback()).await?;
+    let addr = listener.local_addr()?;
+    let (freeze, frozen) = watch::channel(0u64);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut frozen = frozen.clone();
+            frozen.borrow_and_update(); // only a later freeze stops this connection
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let stopped = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = frozen.changed() => true,
+                };
+                if stopped {
+                    // Hold both sockets, silently, until the test's runtime goes away.
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    Ok((addr, freeze))
+}
+
+/// A host reaches its point through a relay that goes silent. Its registration (shortest TTL)
+/// expires at the point; ping notices the dead connection, the host closes it, redials (a new
+/// connection through the relay works) and registers again, which another host then sees.
+/// Without ping the host would wait on the silent connection for good. Takes about 25 s.
+#[tokio::test]
+#[ignore = "slow: waits for ping to give up on a silent connection"]
+async fn stress_a_point_that_goes_silent_is_noticed_and_redialed() -> Result<()> {
+    let (server, rendezvous) = point(Keypair::generate_ed25519(), loopback()).await?;
+    let (relayed, freeze) = relay(rendezvous.addr).await?;
+    let via_relay = RendezvousPoint { addr: relayed, ..rendezvous };
+    let h = host_with_ttl(vec![via_relay], 4601, MIN_TTL).await?;
+    let observer = host(vec![rendezvous], 4602).await?;
+    h.register(X).await?;
+    assert_eq!(observer.discover(X, 10).await?, set([&h.me]));
+
+    let frozen_at = Instant::now();
+    freeze.send_modify(|generation| *generation += 1);
+    // Refreshes stop arriving, so the registration expires at the point ...
+    eventually(BOUND, "registration expired", &HashSet::new(), || observer.discover(X, 10)).await?;
+    // ... until the host notices, redials and registers again.
+    let noticed = 2 * (PING_INTERVAL + PING_TIMEOUT) + Duration::from_secs(10);
+    eventually(noticed + BOUND, "registered again", &set([&h.me]), || observer.discover(X, 10))
+        .await?;
+    let took = frozen_at.elapsed();
+    assert!(took < noticed + Duration::from_secs(5), "took {took:?}");
+
+    h.shutdown().await?;
+    observer.shutdown().await?;
     timeout(BOUND, server.shutdown()).await?;
     Ok(())
 }
