@@ -437,3 +437,23 @@ fn a_host_killed_mid_hook_reports_the_activation_failed_after_restart() {
         std::fs::read_to_string(&trail).unwrap().lines().filter(|l| *l == "validating").count();
     assert_eq!(validations, 1);
 }
+
+#[test]
+#[ignore = "slow: 24 processes and 3 GiB of loopback traffic; run with --ignored"]
+fn stress_twenty_four_hosts_stage_128_mib_through_one_cache() {
+    let fleet = Fleet::new();
+    let (v1, src1, size1) = fleet.publish("1.0.0", 32, 4 * MIB, &[]);
+    let cache = fleet.cache("cache");
+    let hosts: Vec<Node> =
+        (0..24).map(|i| fleet.host(&format!("host{i}"), Some(&cache), &[])).collect();
+    for host in &hosts {
+        assert_eq!(host.stage(&v1).0, 202);
+    }
+    for host in &hosts {
+        assert_same_tree(&src1, &host.wait_staged(&v1));
+    }
+    let origin_egress = fleet.origin.status().totals.served_bytes;
+    assert!(origin_egress as f64 <= 1.2 * size1 as f64, "origin served {origin_egress}");
+    let cache_egress = cache.status().totals.served_bytes;
+    assert!(cache_egress < 24 * size1 / 2, "cache served {cache_egress} of {}", 24 * size1);
+}
