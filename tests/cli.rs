@@ -1,9 +1,13 @@
 //! End-to-end tests of the `fleetwave` binary: real processes, temp dirs, and every kind of bad
 //! input the operator can hand it.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{assert_fails_with, field, paren_field, stderr, stdout};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -83,44 +87,6 @@ fn walkdir_count(dir: &Path) -> usize {
         .sum()
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A failure is a non-zero exit and exactly one line on stderr that contains every `needle`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success: {}", stdout(out));
-    let err = stderr(out);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    assert!(lines[0].starts_with("error: "), "{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
-    }
-}
-
-/// Reads `label:  N ...` from publish output, taking the first integer after the label.
-fn field(out: &Output, label: &str) -> u64 {
-    let text = stdout(out);
-    let line = text.lines().find(|l| l.starts_with(label)).expect("field present");
-    line[label.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())
-        .and_then(|s| s.parse().ok())
-        .expect("number")
-}
-
-fn byte_field(out: &Output, label: &str) -> u64 {
-    let text = stdout(out);
-    let line = text.lines().find(|l| l.starts_with(label)).expect("field present");
-    let open = line.rfind('(').expect("paren");
-    line[open + 1..].split(' ').next().and_then(|n| n.parse().ok()).expect("bytes")
-}
-
 fn make_tree(root: &Path, seed: u8) {
     std::fs::create_dir_all(root.join("bin")).expect("mkdir");
     std::fs::create_dir_all(root.join("etc")).expect("mkdir");
@@ -145,14 +111,14 @@ fn publish_verify_inspect_and_reuse() {
     make_tree(&src, 1);
     let v1 = env.publish(&src, "1.0.0");
     assert!(v1.status.success(), "{}", stderr(&v1));
-    let size = byte_field(&v1, "size:");
-    assert_eq!(byte_field(&v1, "uploaded:"), size, "first publish uploads everything");
+    let size = paren_field(&v1, "size:");
+    assert_eq!(paren_field(&v1, "uploaded:"), size, "first publish uploads everything");
 
     // A small change: only a few chunks move.
     std::fs::write(src.join("etc/app.toml"), b"port = 8080\n").expect("write");
     let v2 = env.publish(&src, "1.0.1");
     assert!(v2.status.success(), "{}", stderr(&v2));
-    let uploaded = byte_field(&v2, "uploaded:");
+    let uploaded = paren_field(&v2, "uploaded:");
     assert!(uploaded > 0 && uploaded * 4 < size, "uploaded {uploaded} of {size}");
     let distinct = {
         let text = stdout(&v2);
@@ -185,7 +151,7 @@ fn publish_verify_inspect_and_reuse() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("kind:      tree"), "{text}");
-    assert_eq!(byte_field(&out, "new:"), uploaded, "{text}");
+    assert_eq!(paren_field(&out, "new:"), uploaded, "{text}");
 }
 
 #[test]
@@ -289,7 +255,7 @@ fn single_file_artifacts_round_trip() {
     std::fs::write(&file, vec![7u8; 1 << 20]).expect("write");
     let out = env.publish(&file, "1.0.0");
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(byte_field(&out, "size:"), 1 << 20);
+    assert_eq!(paren_field(&out, "size:"), 1 << 20);
     // Identical bytes cut into identical max-size chunks: stored once, not "already on origin".
     assert_eq!(field(&out, "uploaded:"), 1);
     assert_eq!(field(&out, "reused:"), 0);

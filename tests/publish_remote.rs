@@ -2,9 +2,13 @@
 //! temporary store: only missing chunks move, the result equals a directory publish, and the
 //! upload token is required and never shown.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use common::{assert_fails_with, field, paren_field, stderr, stdout};
 
 use fleetwave_chunker::{ManifestId, SignedManifest};
 use fleetwave_node::store::ChunkStore;
@@ -84,44 +88,6 @@ impl Env {
         }
         self.run(&args)
     }
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A failure is a non-zero exit and exactly one line on stderr that contains every `needle`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "expected failure, got success: {}", stdout(out));
-    let err = stderr(out);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    for needle in needles {
-        assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
-    }
-}
-
-/// The first integer after `label` on its line of the publish report.
-fn field(out: &Output, label: &str) -> u64 {
-    let text = stdout(out);
-    let line = text.lines().find(|l| l.starts_with(label)).expect("field present");
-    line[label.len()..]
-        .split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())
-        .and_then(|s| s.parse().ok())
-        .expect("number")
-}
-
-/// The number inside the parentheses of `chunks:    N (M distinct)`, or of `... (N bytes)`.
-fn paren_field(out: &Output, label: &str) -> u64 {
-    let text = stdout(out);
-    let line = text.lines().find(|l| l.starts_with(label)).expect("field present");
-    let open = line.rfind('(').expect("paren");
-    line[open + 1..].split(' ').next().and_then(|n| n.parse().ok()).expect("number")
 }
 
 fn manifest_id(out: &Output) -> ManifestId {
