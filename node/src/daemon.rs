@@ -1043,13 +1043,7 @@ async fn stage_handler(
     State(inner): State<Arc<Inner>>,
     Json(req): Json<StageRequest>,
 ) -> Result<Response, ApiError> {
-    let id: ManifestId = req.manifest.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_manifest_id",
-            format!("{:?} is not a manifest id (64 hex digits)", req.manifest),
-        )
-    })?;
+    let id = parse_manifest_id(&req.manifest)?;
     let state = inner.stage(id).await?;
     let body = serde_json::json!({ "id": id.to_hex(), "state": state });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
@@ -1085,46 +1079,49 @@ fn activation_error(err: crate::activate::ActivateError) -> ApiError {
     }
 }
 
+/// The host's activator, run in a task of its own: activation outlives a dropped request, so a
+/// client that gives up does not kill a hook half way.
+async fn with_activator<F, Fut>(inner: &Inner, f: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(crate::activate::Activator) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<crate::activate::Outcome, crate::activate::ActivateError>,
+        > + Send
+        + 'static,
+{
+    let activator = inner.activator.clone().ok_or(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "not_a_host",
+        "only hosts activate and roll back releases",
+    ))?;
+    let outcome =
+        tokio::spawn(f(activator)).await.map_err(ApiError::internal)?.map_err(activation_error)?;
+    Ok(Json(outcome).into_response())
+}
+
 /// Activates a staged release; answers with the outcome (200 whether the hooks passed or the
 /// previous release was switched back: the outcome says which).
 async fn activate_handler(
     State(inner): State<Arc<Inner>>,
     Json(req): Json<ActivateRequest>,
 ) -> Result<Response, ApiError> {
-    let id: ManifestId = req.manifest.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_manifest_id",
-            format!("{:?} is not a manifest id (64 hex digits)", req.manifest),
-        )
-    })?;
-    let activator = inner.activator.clone().ok_or(ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "not_a_host",
-        "only hosts activate releases",
-    ))?;
-    // Activation outlives a dropped request: a client that gives up must not kill a hook
-    // half way.
-    let service = req.service.clone();
-    let outcome = tokio::spawn(async move { activator.activate(&service, id, None).await })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(activation_error)?;
-    Ok(Json(outcome).into_response())
+    let id = parse_manifest_id(&req.manifest)?;
+    with_activator(&inner, move |a| async move { a.activate(&req.service, id, None).await }).await
 }
 
 async fn rollback_handler(
     State(inner): State<Arc<Inner>>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Response, ApiError> {
-    let activator = inner.activator.clone().ok_or(ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "not_a_host",
-        "only hosts roll back releases",
-    ))?;
-    let outcome = tokio::spawn(async move { activator.rollback(&req.service).await })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(activation_error)?;
-    Ok(Json(outcome).into_response())
+    with_activator(&inner, move |a| async move { a.rollback(&req.service).await }).await
+}
+
+fn parse_manifest_id(text: &str) -> Result<ManifestId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_manifest_id",
+            format!("{text:?} is not a manifest id (64 hex digits)"),
+        )
+    })
 }

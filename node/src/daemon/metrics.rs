@@ -15,7 +15,6 @@
 //! | `fleetwave_stages_total` | counter | `result` = staged, failed | finished stagings |
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -67,8 +66,6 @@ struct Inner {
     active: Gauge,
     stage_seconds: Histogram,
     stages: Family<ResultLabel, Counter>,
-    /// Plain totals for `/v1/status` (the families are not cheaply summed).
-    served_total: AtomicU64,
 }
 
 /// Counters of the status endpoint.
@@ -163,7 +160,6 @@ impl Metrics {
                 active,
                 stage_seconds,
                 stages,
-                served_total: AtomicU64::new(0),
             }),
         }
     }
@@ -179,7 +175,10 @@ impl Metrics {
     /// Totals for the status endpoint.
     pub fn totals(&self) -> Totals {
         Totals {
-            served_bytes: self.inner.served_total.load(Ordering::Relaxed),
+            served_bytes: ["host", "cache"]
+                .into_iter()
+                .map(|to| self.inner.served_bytes.get_or_create(&ToLabel { to }).get())
+                .sum(),
             chunks_verified: self.inner.verified.get(),
             chunks_rejected: self.inner.rejected.get(),
             peers_banned: self.inner.banned.get(),
@@ -197,7 +196,6 @@ impl Metrics {
         let label = ToLabel { to: if to_cache { "cache" } else { "host" } };
         self.inner.served_bytes.get_or_create(&label).inc_by(bytes);
         self.inner.served_chunks.get_or_create(&label).inc();
-        self.inner.served_total.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub(crate) fn verified(&self) {
