@@ -8,7 +8,11 @@
 //! - [`rollout`]: the rollout engine. A deployment plan and events (host reports, ticks,
 //!   operator commands, gate verdicts) in; desired host state, gate requests and notifications
 //!   out. Rolling, canary and blue-green; serializable state for resuming after a crash.
+//! - [`analysis`]: the canary judge. Canary and baseline samples per interval (request and
+//!   error counts, latency histograms) in; pass, fail or inconclusive out, with the evidence.
+//!   Anytime-valid sequential tests, so it may look every interval; serializable state.
 
 #![warn(missing_docs)]
 
+pub mod analysis;
 pub mod rollout;

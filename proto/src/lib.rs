@@ -14,3 +14,41 @@ pub mod v1 {
     #![allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
     include!("gen/fleetwave.v1.rs");
 }
+
+/// The bytes a host signs with its identity key when it talks to the coordinator (see
+/// `coordinator.proto`).
+pub mod signing {
+    /// Domain of an enrollment signature.
+    pub const ENROLL_DOMAIN: &[u8] = b"fleetwave-enroll-v1";
+    /// Domain of a heartbeat signature.
+    pub const HEARTBEAT_DOMAIN: &[u8] = b"fleetwave-heartbeat-v1";
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// What an `EnrollRequest`'s signature covers.
+    pub fn enroll_message(
+        join_token: &str,
+        region: &str,
+        environment: &str,
+        name: &str,
+        timestamp_ms: u64,
+    ) -> Vec<u8> {
+        let mut out = ENROLL_DOMAIN.to_vec();
+        for s in [join_token, region, environment, name] {
+            put_str(&mut out, s);
+        }
+        out.extend_from_slice(&timestamp_ms.to_le_bytes());
+        out
+    }
+
+    /// What a `SignedHeartbeat`'s signature covers: the encoded report.
+    pub fn heartbeat_message(report: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEARTBEAT_DOMAIN.len() + report.len());
+        out.extend_from_slice(HEARTBEAT_DOMAIN);
+        out.extend_from_slice(report);
+        out
+    }
+}

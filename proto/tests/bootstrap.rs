@@ -2,7 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["fleetwave/v1/manifest.proto", "fleetwave/v1/chunk.proto"];
+const PROTOS: &[&str] = &[
+    "fleetwave/v1/manifest.proto",
+    "fleetwave/v1/chunk.proto",
+    "fleetwave/v1/coordinator.proto",
+];
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,8 +18,12 @@ fn generate(out_dir: &Path) {
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| include.join(p)).collect();
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    config.out_dir(out_dir);
-    config.compile_protos(&files, &[include]).expect("protoc runs");
+    // Messages plus the gRPC services' client and server code (tonic).
+    tonic_prost_build::configure()
+        .out_dir(out_dir)
+        .build_transport(true)
+        .compile_with_config(config, &files, &[include])
+        .expect("protoc runs");
 }
 
 #[test]

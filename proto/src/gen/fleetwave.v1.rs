@@ -292,3 +292,531 @@ impl RejectReason {
         }
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EnrollRequest {
+    /// The join token the operator gave the host (never stored: compared with a stored hash).
+    #[prost(string, tag = "1")]
+    pub join_token: ::prost::alloc::string::String,
+    /// The host's identity public key, protobuf-encoded as libp2p encodes it.
+    #[prost(bytes = "vec", tag = "2")]
+    pub public_key: ::prost::alloc::vec::Vec<u8>,
+    /// Region and environment the host belongs to.
+    #[prost(string, tag = "3")]
+    pub region: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub environment: ::prost::alloc::string::String,
+    /// A human-readable name (host name), shown in listings.
+    #[prost(string, tag = "5")]
+    pub name: ::prost::alloc::string::String,
+    /// Milliseconds since the Unix epoch when the request was made.
+    #[prost(uint64, tag = "6")]
+    pub timestamp_ms: u64,
+    /// Signature by the identity key over "fleetwave-enroll-v1" || join_token || region ||
+    /// environment || name || timestamp_ms (little endian), each string prefixed by its length
+    /// as a little-endian u32: proves the host holds the key it enrolls.
+    #[prost(bytes = "vec", tag = "7")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EnrollResponse {
+    /// The host's id: its PeerId (base58).
+    #[prost(string, tag = "1")]
+    pub host_id: ::prost::alloc::string::String,
+    /// How often to heartbeat.
+    #[prost(uint32, tag = "2")]
+    pub heartbeat_interval_ms: u32,
+}
+/// A heartbeat: the encoded `HostReport` and the identity key's signature over
+/// "fleetwave-heartbeat-v1" || report.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SignedHeartbeat {
+    /// The host's PeerId (bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub peer_id: ::prost::alloc::vec::Vec<u8>,
+    /// An encoded `HostReport`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub report: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HostReport {
+    /// Grows with every report of this host's identity (a restarted host starts from the
+    /// current time in milliseconds, so it still grows). Replays are refused.
+    #[prost(uint64, tag = "1")]
+    pub sequence: u64,
+    /// Milliseconds since the Unix epoch when the report was made.
+    #[prost(uint64, tag = "2")]
+    pub timestamp_ms: u64,
+    /// Every service the host knows about.
+    #[prost(message, repeated, tag = "3")]
+    pub services: ::prost::alloc::vec::Vec<ServiceReport>,
+    /// Manifest ids (32 bytes each) staged (verified and unpacked), across services.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    pub staged: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// Manifest ids whose staging failed.
+    #[prost(bytes = "vec", repeated, tag = "5")]
+    pub stage_failed: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// The host daemon's version.
+    #[prost(string, tag = "6")]
+    pub agent_version: ::prost::alloc::string::String,
+}
+/// Request and error counters of a release, as the service reports them.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RequestCounters {
+    #[prost(uint64, tag = "1")]
+    pub requests: u64,
+    #[prost(uint64, tag = "2")]
+    pub errors: u64,
+    /// Latency histogram: cumulative counts at the coordinator's fixed bucket bounds.
+    #[prost(uint64, repeated, tag = "3")]
+    pub latency_buckets: ::prost::alloc::vec::Vec<u64>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServiceReport {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// The active release (32 bytes), empty when nothing is active.
+    #[prost(bytes = "vec", tag = "2")]
+    pub active: ::prost::alloc::vec::Vec<u8>,
+    /// A release started beside it without traffic, empty when none.
+    #[prost(bytes = "vec", tag = "3")]
+    pub standby: ::prost::alloc::vec::Vec<u8>,
+    /// Health of the active release.
+    #[prost(enumeration = "HealthState", tag = "4")]
+    pub health: i32,
+    /// Health of the standby release.
+    #[prost(enumeration = "HealthState", tag = "5")]
+    pub standby_health: i32,
+    /// The last activation (or start) that failed, empty when the last one succeeded.
+    #[prost(bytes = "vec", tag = "6")]
+    pub activation_failed: ::prost::alloc::vec::Vec<u8>,
+    /// Counters of the active release since it became active.
+    #[prost(message, optional, tag = "7")]
+    pub counters: ::core::option::Option<RequestCounters>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HeartbeatResponse {
+    /// What the host should run, per service; services not listed are left alone.
+    #[prost(message, repeated, tag = "1")]
+    pub desired: ::prost::alloc::vec::Vec<DesiredService>,
+    /// How long until the next heartbeat.
+    #[prost(uint32, tag = "2")]
+    pub heartbeat_interval_ms: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DesiredService {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// Release to run (32 bytes); empty: leave what runs.
+    #[prost(bytes = "vec", tag = "2")]
+    pub active: ::prost::alloc::vec::Vec<u8>,
+    /// Release to run beside it without traffic; empty: none.
+    #[prost(bytes = "vec", tag = "3")]
+    pub standby: ::prost::alloc::vec::Vec<u8>,
+    /// Release to stage ahead; empty: none.
+    #[prost(bytes = "vec", tag = "4")]
+    pub stage: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum HealthState {
+    Unspecified = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+impl HealthState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "HEALTH_STATE_UNSPECIFIED",
+            Self::Healthy => "HEALTH_STATE_HEALTHY",
+            Self::Unhealthy => "HEALTH_STATE_UNHEALTHY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "HEALTH_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "HEALTH_STATE_HEALTHY" => Some(Self::Healthy),
+            "HEALTH_STATE_UNHEALTHY" => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod node_control_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct NodeControlClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl NodeControlClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> NodeControlClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> NodeControlClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            NodeControlClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Enroll a host (idempotent: enrolling again with the same key updates its labels).
+        pub async fn enroll(
+            &mut self,
+            request: impl tonic::IntoRequest<super::EnrollRequest>,
+        ) -> std::result::Result<tonic::Response<super::EnrollResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fleetwave.v1.NodeControl/Enroll",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fleetwave.v1.NodeControl", "Enroll"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Report actual state; the answer is the host's desired state.
+        pub async fn heartbeat(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SignedHeartbeat>,
+        ) -> std::result::Result<
+            tonic::Response<super::HeartbeatResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fleetwave.v1.NodeControl/Heartbeat",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fleetwave.v1.NodeControl", "Heartbeat"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod node_control_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with NodeControlServer.
+    #[async_trait]
+    pub trait NodeControl: std::marker::Send + std::marker::Sync + 'static {
+        /// Enroll a host (idempotent: enrolling again with the same key updates its labels).
+        async fn enroll(
+            &self,
+            request: tonic::Request<super::EnrollRequest>,
+        ) -> std::result::Result<tonic::Response<super::EnrollResponse>, tonic::Status>;
+        /// Report actual state; the answer is the host's desired state.
+        async fn heartbeat(
+            &self,
+            request: tonic::Request<super::SignedHeartbeat>,
+        ) -> std::result::Result<
+            tonic::Response<super::HeartbeatResponse>,
+            tonic::Status,
+        >;
+    }
+    #[derive(Debug)]
+    pub struct NodeControlServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> NodeControlServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for NodeControlServer<T>
+    where
+        T: NodeControl,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/fleetwave.v1.NodeControl/Enroll" => {
+                    #[allow(non_camel_case_types)]
+                    struct EnrollSvc<T: NodeControl>(pub Arc<T>);
+                    impl<
+                        T: NodeControl,
+                    > tonic::server::UnaryService<super::EnrollRequest>
+                    for EnrollSvc<T> {
+                        type Response = super::EnrollResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::EnrollRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeControl>::enroll(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = EnrollSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/fleetwave.v1.NodeControl/Heartbeat" => {
+                    #[allow(non_camel_case_types)]
+                    struct HeartbeatSvc<T: NodeControl>(pub Arc<T>);
+                    impl<
+                        T: NodeControl,
+                    > tonic::server::UnaryService<super::SignedHeartbeat>
+                    for HeartbeatSvc<T> {
+                        type Response = super::HeartbeatResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SignedHeartbeat>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeControl>::heartbeat(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = HeartbeatSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for NodeControlServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "fleetwave.v1.NodeControl";
+    impl<T> tonic::server::NamedService for NodeControlServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
