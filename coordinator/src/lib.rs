@@ -11,8 +11,25 @@
 //! - [`analysis`]: the canary judge. Canary and baseline samples per interval (request and
 //!   error counts, latency histograms) in; pass, fail or inconclusive out, with the evidence.
 //!   Anytime-valid sequential tests, so it may look every interval; serializable state.
+//!
+//! Around them, the daemon (`fleetwave-coordinator`):
+//!
+//! - [`fleet`]: hosts, registry, deployments and their engines, fed in order and persisted
+//!   before they are acted on; [`store`]: the sled state; [`deploy`]: deployment specs;
+//!   [`auth`]: tokens and roles; [`view`]: the API's JSON bodies.
+//! - [`nodes`]: the gRPC service hosts enroll and heartbeat with; [`api`]: the REST API;
+//!   [`daemon`]: configuration and the process that runs them.
 
 #![warn(missing_docs)]
 
 pub mod analysis;
+pub mod analysis_gate;
+pub mod api;
+pub mod auth;
+pub mod daemon;
+pub mod deploy;
+pub mod fleet;
+pub mod nodes;
 pub mod rollout;
+pub mod store;
+pub mod view;

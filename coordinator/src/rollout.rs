@@ -1566,7 +1566,10 @@ impl Rollout {
                     self.complete_region();
                     return true;
                 }
-                let slots = self.free_slots(r);
+                // Hosts already unavailable (running nothing yet, or unhealthy) cost nothing to
+                // activate: the next ones in order are taken even when the budget is used up
+                // (a first install), at most `max_unavailable` of them per batch.
+                let slots = self.free_slots(r).max(self.unavailable_ahead(r));
                 if slots == 0 {
                     return false;
                 }
@@ -1639,6 +1642,23 @@ impl Rollout {
             added += 1;
         }
         added
+    }
+
+    /// Untouched hosts of region `r` next in order (from its cursor) that are unavailable
+    /// already, and not lost: at most the region's `max_unavailable`.
+    fn unavailable_ahead(&self, r: usize) -> u32 {
+        let region = &self.s.regions[r];
+        let mut n = 0;
+        let mut i = region.cursor;
+        while i < region.end && n < region.max_unavailable {
+            let h = &self.s.hosts[i as usize];
+            if h.role != HostRole::Untouched || h.lost || !self.class(i).unavailable {
+                break;
+            }
+            n += 1;
+            i += 1;
+        }
+        n
     }
 
     /// Moves the cursor of region `r` past lost hosts.

@@ -1593,3 +1593,56 @@ proptest! {
         prop_assert!(sim.log == straight.log);
     }
 }
+
+#[test]
+fn a_rolling_first_install_takes_hosts_running_nothing_in_budget_sized_batches() {
+    // Hosts that run nothing of the service are unavailable from the start; activating them
+    // costs nothing, so the budget (which they use up) must not stall the rollout.
+    let hosts: Vec<HostSpec> = (0..8)
+        .map(|i| HostSpec { id: host_id(i), region: RegionIndex(0), previous: None })
+        .collect();
+    let mut plan = Plan::new("web", V2, vec!["eu".into()], hosts, Strategy::rolling());
+    plan.budget = Budget { max_unavailable: Limit::Percent(25), ..Budget::default() };
+    plan.bake = Bake { first_region: secs(1), other_regions: secs(1) };
+    let mut engine = Rollout::new(secs(0), plan).expect("plan");
+    let mut now = secs(0);
+    for i in 0..8 {
+        engine.handle_host(now, host_id(i), HostEvent::Inactive).expect("report");
+        engine.handle_host(now, host_id(i), HostEvent::Staged { manifest: V2 }).expect("report");
+    }
+    let mut active = [false; 8];
+    let mut batches = Vec::new();
+    for _ in 0..100 {
+        let mut told = Vec::new();
+        while let Some(c) = engine.poll_command() {
+            if let Command::SetDesired { desired, hosts } = c {
+                if desired.active == Some(V2) {
+                    told.extend(hosts.iter().map(|h| host_index(*h)).filter(|&i| !active[i]));
+                }
+            }
+        }
+        if !told.is_empty() {
+            batches.push(told.len());
+        }
+        now += ms(100);
+        for i in told {
+            active[i] = true;
+            engine.handle_host(now, host_id(i), HostEvent::Active { manifest: V2 }).expect("r");
+            engine
+                .handle_host(now, host_id(i), HostEvent::Health { manifest: V2, healthy: true })
+                .expect("r");
+        }
+        if let Some(t) = engine.poll_timeout() {
+            if t <= now + secs(1) {
+                now = now.max(t);
+                engine.handle_timeout(now);
+            }
+        }
+        if engine.phase() == Phase::Done {
+            break;
+        }
+    }
+    assert_eq!(engine.phase(), Phase::Done);
+    assert!(active.iter().all(|a| *a));
+    assert_eq!(batches, vec![2, 2, 2, 2], "batches of 25% of 8 hosts");
+}

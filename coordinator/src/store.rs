@@ -1,0 +1,669 @@
+//! The coordinator's durable state, in sled.
+//!
+//! # Trees
+//!
+//! | tree          | key                                  | value (JSON)        |
+//! |---------------|--------------------------------------|---------------------|
+//! | `meta`        | `"schema"`                           | [`SCHEMA`]          |
+//! | `hosts`       | host number (u64 big endian)         | [`HostRecord`]      |
+//! | `host_state`  | host number                          | [`HostActual`]      |
+//! | `versions`    | `service \0 version`                 | [`VersionRecord`]   |
+//! | `deployments` | deployment id (u64 big endian)       | [`DeploymentRecord`]|
+//! | `log`         | deployment id, sequence (u64 BE x 2) | [`LogEntry`]        |
+//! | `audit`       | time in ms, sequence (u64 BE x 2)    | [`AuditEntry`]      |
+//! | `tokens`      | SHA-256 of the token (hex)           | [`TokenRecord`]     |
+//!
+//! Writes go to sled's log; [`Store::commit`] makes everything written before it durable
+//! (fsync). Callers write, commit, and only then act (answer a heartbeat with a new desired
+//! state, reply to an API call): every transition is persisted before it is acted on. Commits
+//! are grouped: many writers waiting at once share one fsync.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::rollout::{HostEvent, ManifestId, Operator, Snapshot, Verdict};
+
+/// Version of the stored format; a store of another version is refused.
+pub const SCHEMA: u32 = 1;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption).
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record does not decode.
+    #[error("state store: record in {tree} does not decode: {reason}")]
+    Corrupt {
+        /// The tree.
+        tree: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The store was written by another version.
+    #[error("state store has schema {found}, this coordinator reads {SCHEMA}")]
+    Schema {
+        /// Its schema.
+        found: u32,
+    },
+}
+
+/// An enrolled host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its number: the rollout engine's `HostId`.
+    pub number: u64,
+    /// Its PeerId (base58).
+    pub peer_id: String,
+    /// Its identity public key, protobuf-encoded (libp2p).
+    pub public_key: Vec<u8>,
+    /// Its region.
+    pub region: String,
+    /// Its environment.
+    pub environment: String,
+    /// Its name.
+    pub name: String,
+    /// When it enrolled (ms since the Unix epoch).
+    pub enrolled_ms: u64,
+}
+
+/// What a host last reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostActual {
+    /// The report's sequence number (replays are refused).
+    pub sequence: u64,
+    /// When the coordinator received it (ms since the Unix epoch).
+    pub seen_ms: u64,
+    /// Marked lost (missed heartbeats).
+    pub lost: bool,
+    /// Per service.
+    pub services: Vec<ServiceActual>,
+    /// Staged manifests.
+    pub staged: Vec<ManifestId>,
+    /// Manifests whose staging failed.
+    pub stage_failed: Vec<ManifestId>,
+    /// The daemon's version.
+    pub agent_version: String,
+}
+
+/// One service on a host, as reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceActual {
+    /// The service.
+    pub service: String,
+    /// Its active release.
+    pub active: Option<ManifestId>,
+    /// A release running beside it without traffic.
+    pub standby: Option<ManifestId>,
+    /// Health of the active release (`None`: not reported).
+    pub healthy: Option<bool>,
+    /// Health of the standby release.
+    pub standby_healthy: Option<bool>,
+    /// The last activation that failed.
+    pub activation_failed: Option<ManifestId>,
+    /// Requests served by the active release.
+    pub requests: u64,
+    /// Errors among them.
+    pub errors: u64,
+    /// Cumulative latency bucket counts.
+    pub latency_buckets: Vec<u64>,
+}
+
+/// An environment a version was promoted to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The environment.
+    pub environment: String,
+    /// Who promoted it.
+    pub by: String,
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Why.
+    pub comment: String,
+}
+
+/// A registered version of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The service.
+    pub service: String,
+    /// The version.
+    pub version: String,
+    /// The signed manifest's id.
+    pub manifest: ManifestId,
+    /// Artifact size in bytes.
+    pub size: u64,
+    /// Who registered it.
+    pub registered_by: String,
+    /// When (ms since the Unix epoch).
+    pub registered_ms: u64,
+    /// Environments it may be deployed to, in the order it reached them (`dev` first).
+    pub promotions: Vec<Promotion>,
+}
+
+impl VersionRecord {
+    /// Whether it was promoted to `environment`.
+    pub fn allowed_in(&self, environment: &str) -> bool {
+        self.promotions.iter().any(|p| p.environment == environment)
+    }
+}
+
+/// Where a deployment stands, as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    /// Waiting for the running deployment of its service and environment to finish.
+    Queued,
+    /// Its engine is running (includes rolling back).
+    Running,
+    /// Every region done.
+    Succeeded,
+    /// Rolled back.
+    RolledBack,
+    /// Stopped by an operator.
+    Aborted,
+    /// Replaced while queued, or could not start.
+    Cancelled,
+}
+
+impl DeploymentState {
+    /// Whether nothing more happens to it.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// A deployment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Its id.
+    pub id: u64,
+    /// What was asked for.
+    pub spec: crate::deploy::DeploymentSpec,
+    /// The target release.
+    pub manifest: ManifestId,
+    /// Who asked.
+    pub created_by: String,
+    /// When (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// When it started running.
+    pub started_ms: Option<u64>,
+    /// When it reached a final state.
+    pub finished_ms: Option<u64>,
+    /// Where it stands.
+    pub state: DeploymentState,
+    /// Why it ended, in words (rolled back because ..., cancelled because ...).
+    pub outcome: Option<String>,
+    /// The engine's snapshot, with the log sequence it includes (entries up to it).
+    pub snapshot: Option<(u64, Snapshot)>,
+}
+
+/// One input of a deployment's engine, logged before it is applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// `now` given to the engine (ms since the Unix epoch).
+    pub now_ms: u64,
+    /// The input.
+    pub input: Input,
+}
+
+/// An input of the rollout engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Input {
+    /// A host report.
+    Host {
+        /// The host number.
+        host: u64,
+        /// What it reported.
+        event: HostEvent,
+    },
+    /// The judge's verdict.
+    Verdict {
+        /// The gate.
+        gate: u32,
+        /// The verdict.
+        verdict: Verdict,
+    },
+    /// An operator command.
+    Operator {
+        /// The command.
+        command: Operator,
+    },
+    /// The engine's deadline passed.
+    Timeout,
+}
+
+/// One audit record: who did what, when, why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Who: a token's name, a host's PeerId, or `coordinator` for automatic decisions.
+    pub actor: String,
+    /// What, as a dotted name (`deployment.create`, `deployment.rollback`, `auth.refused`, ..).
+    pub action: String,
+    /// The service concerned, if any.
+    pub service: Option<String>,
+    /// The deployment concerned, if any.
+    pub deployment: Option<u64>,
+    /// Details and why.
+    pub detail: String,
+}
+
+/// A stored API token (the token itself is never stored).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its name (shown in the audit log).
+    pub name: String,
+    /// What it may do.
+    pub role: crate::auth::Role,
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    hosts: sled::Tree,
+    host_state: sled::Tree,
+    versions: sled::Tree,
+    deployments: sled::Tree,
+    log: sled::Tree,
+    audit: sled::Tree,
+    tokens: sled::Tree,
+    commits: Arc<Commits>,
+}
+
+#[derive(Debug, Default)]
+struct Commits {
+    /// Incremented by every writer that wants a commit.
+    requested: AtomicU64,
+    /// Every request up to this one is durable.
+    done: AtomicU64,
+    /// Wakes the committer.
+    wake: Notify,
+    /// Wakes waiters.
+    finished: Notify,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain records cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree, reason: e.to_string() })
+}
+
+fn key2(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_be_bytes());
+    k[8..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+fn version_key(service: &str, version: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(service.len() + version.len() + 1);
+    k.extend_from_slice(service.as_bytes());
+    k.push(0);
+    k.extend_from_slice(version.as_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema")? {
+            Some(v) => {
+                let found: u32 = decode("meta", &v)?;
+                if found != SCHEMA {
+                    return Err(StoreError::Schema { found });
+                }
+            }
+            None => {
+                meta.insert("schema", encode(&SCHEMA))?;
+                db.flush()?;
+            }
+        }
+        Ok(Self {
+            hosts: db.open_tree("hosts")?,
+            host_state: db.open_tree("host_state")?,
+            versions: db.open_tree("versions")?,
+            deployments: db.open_tree("deployments")?,
+            log: db.open_tree("log")?,
+            audit: db.open_tree("audit")?,
+            tokens: db.open_tree("tokens")?,
+            commits: Arc::default(),
+            db,
+        })
+    }
+
+    /// Runs the group committer until the store is dropped by every other holder. Spawn it
+    /// once per store.
+    pub async fn run_committer(self) {
+        loop {
+            let wanted = self.commits.requested.load(Ordering::Acquire);
+            if wanted > self.commits.done.load(Ordering::Acquire) {
+                let db = self.db.clone();
+                match tokio::task::spawn_blocking(move || db.flush()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "state store flush failed"),
+                    Err(e) => tracing::error!(error = %e, "state store flush task failed"),
+                }
+                self.commits.done.store(wanted, Ordering::Release);
+                self.commits.finished.notify_waiters();
+                continue;
+            }
+            if Arc::strong_count(&self.commits) == 1 {
+                return;
+            }
+            let woken = self.commits.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.commits.requested.load(Ordering::Acquire)
+                > self.commits.done.load(Ordering::Acquire)
+            {
+                continue;
+            }
+            // Wake up now and then to notice the other holders are gone.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), woken).await;
+        }
+    }
+
+    /// Waits until everything written before the call is durable (one fsync shared by every
+    /// caller waiting at the same time). Needs [`Store::run_committer`] running.
+    pub async fn commit(&self) {
+        let ticket = self.commits.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        loop {
+            let finished = self.commits.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if self.commits.done.load(Ordering::Acquire) >= ticket {
+                return;
+            }
+            self.commits.wake.notify_one();
+            finished.await;
+        }
+    }
+
+    /// Makes everything durable now (blocking), for shutdown and tools.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- hosts
+
+    /// Every enrolled host.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        self.hosts.iter().values().map(|v| decode("hosts", &v?)).collect()
+    }
+
+    /// Writes a host record.
+    pub fn put_host(&self, host: &HostRecord) -> Result<(), StoreError> {
+        self.hosts.insert(host.number.to_be_bytes(), encode(host))?;
+        Ok(())
+    }
+
+    /// Every host's last report.
+    pub fn host_states(&self) -> Result<Vec<(u64, HostActual)>, StoreError> {
+        self.host_state
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let number = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt { tree: "host_state", reason: "bad key".into() }
+                })?);
+                Ok((number, decode("host_state", &v)?))
+            })
+            .collect()
+    }
+
+    /// Writes a host's last report.
+    pub fn put_host_state(&self, number: u64, actual: &HostActual) -> Result<(), StoreError> {
+        self.host_state.insert(number.to_be_bytes(), encode(actual))?;
+        Ok(())
+    }
+
+    // ---- registry
+
+    /// A version of a service.
+    pub fn version(
+        &self,
+        service: &str,
+        version: &str,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        self.versions
+            .get(version_key(service, version))?
+            .map(|v| decode("versions", &v))
+            .transpose()
+    }
+
+    /// Every version of a service (`None`: of every service), ordered by service, then by
+    /// registration time.
+    pub fn versions(&self, service: Option<&str>) -> Result<Vec<VersionRecord>, StoreError> {
+        let iter = match service {
+            Some(s) => {
+                let mut prefix = s.as_bytes().to_vec();
+                prefix.push(0);
+                self.versions.scan_prefix(prefix)
+            }
+            None => self.versions.iter(),
+        };
+        let mut out: Vec<VersionRecord> =
+            iter.values().map(|v| decode("versions", &v?)).collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| {
+            (a.service.as_str(), a.registered_ms, a.version.as_str()).cmp(&(
+                b.service.as_str(),
+                b.registered_ms,
+                b.version.as_str(),
+            ))
+        });
+        Ok(out)
+    }
+
+    /// Writes a version record.
+    pub fn put_version(&self, record: &VersionRecord) -> Result<(), StoreError> {
+        self.versions.insert(version_key(&record.service, &record.version), encode(record))?;
+        Ok(())
+    }
+
+    // ---- deployments
+
+    /// A deployment.
+    pub fn deployment(&self, id: u64) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.deployments.get(id.to_be_bytes())?.map(|v| decode("deployments", &v)).transpose()
+    }
+
+    /// Every deployment, oldest first.
+    pub fn deployments(&self) -> Result<Vec<DeploymentRecord>, StoreError> {
+        self.deployments.iter().values().map(|v| decode("deployments", &v?)).collect()
+    }
+
+    /// The next deployment id.
+    pub fn next_deployment_id(&self) -> Result<u64, StoreError> {
+        Ok(self.deployments.last()?.map_or(Ok(0), |(k, _)| {
+            k.as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt { tree: "deployments", reason: "bad key".into() })
+        })? + 1)
+    }
+
+    /// Writes a deployment record.
+    pub fn put_deployment(&self, record: &DeploymentRecord) -> Result<(), StoreError> {
+        self.deployments.insert(record.id.to_be_bytes(), encode(record))?;
+        Ok(())
+    }
+
+    /// Appends an engine input to a deployment's log.
+    pub fn append_log(
+        &self,
+        deployment: u64,
+        seq: u64,
+        entry: &LogEntry,
+    ) -> Result<(), StoreError> {
+        self.log.insert(key2(deployment, seq), encode(entry))?;
+        Ok(())
+    }
+
+    /// A deployment's log entries after `after`, in order.
+    pub fn log_after(
+        &self,
+        deployment: u64,
+        after: u64,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        let start = key2(deployment, after.saturating_add(1));
+        let end = key2(deployment, u64::MAX);
+        self.log
+            .range(start..=end)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq =
+                    u64::from_be_bytes(k[8..16].try_into().map_err(|_| StoreError::Corrupt {
+                        tree: "log",
+                        reason: "bad key".into(),
+                    })?);
+                Ok((seq, decode("log", &v)?))
+            })
+            .collect()
+    }
+
+    /// Drops a deployment's log entries up to `upto` (they are in a snapshot).
+    pub fn trim_log(&self, deployment: u64, upto: u64) -> Result<(), StoreError> {
+        let start = key2(deployment, 0);
+        let end = key2(deployment, upto);
+        let mut batch = sled::Batch::default();
+        for k in self.log.range(start..=end).keys() {
+            batch.remove(k?);
+        }
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+
+    // ---- audit
+
+    /// Appends an audit record. `seq` tells apart records of the same millisecond; the same
+    /// (time, seq) written twice is one record (replays after a restart are idempotent).
+    pub fn audit(&self, seq: u64, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.audit.insert(key2(entry.at_ms, seq), encode(entry))?;
+        Ok(())
+    }
+
+    /// Audit records from `since` to `until` (ms, inclusive), optionally of one service, at
+    /// most `limit`, oldest first.
+    pub fn audit_range(
+        &self,
+        since: u64,
+        until: u64,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.audit.range(key2(since, 0)..=key2(until, u64::MAX)).values() {
+            let entry: AuditEntry = decode("audit", &v?)?;
+            if service.is_some_and(|s| entry.service.as_deref() != Some(s)) {
+                continue;
+            }
+            out.push(entry);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- tokens
+
+    /// The token whose SHA-256 is `hash`.
+    pub fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens.get(hash)?.map(|v| decode("tokens", &v)).transpose()
+    }
+
+    /// Stores a token by its hash.
+    pub fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.tokens.insert(hash, encode(record))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(at_ms: u64, service: &str) -> AuditEntry {
+        AuditEntry {
+            at_ms,
+            actor: "ci".into(),
+            action: "deployment.create".into(),
+            service: Some(service.into()),
+            deployment: Some(1),
+            detail: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopen_after_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            let committer = tokio::spawn(store.clone().run_committer());
+            store.append_log(7, 1, &LogEntry { now_ms: 5, input: Input::Timeout }).expect("append");
+            store.audit(0, &entry(10, "web")).expect("audit");
+            store.commit().await;
+            // The committer ends once it holds the last handle (and releases sled's lock).
+            drop(store);
+            committer.await.expect("committer ends");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let log = store.log_after(7, 0).expect("log");
+        assert_eq!(log, vec![(1, LogEntry { now_ms: 5, input: Input::Timeout })]);
+        assert_eq!(store.audit_range(0, u64::MAX, None, 10).expect("audit").len(), 1);
+    }
+
+    #[test]
+    fn log_ranges_are_per_deployment_and_trimmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for d in [1, 2] {
+            for seq in 1..=5 {
+                store
+                    .append_log(d, seq, &LogEntry { now_ms: seq, input: Input::Timeout })
+                    .expect("append");
+            }
+        }
+        store.trim_log(1, 3).expect("trim");
+        let seqs: Vec<u64> = store.log_after(1, 0).expect("log").into_iter().map(|e| e.0).collect();
+        assert_eq!(seqs, vec![4, 5]);
+        assert_eq!(store.log_after(2, 2).expect("log").len(), 3);
+    }
+
+    #[test]
+    fn audit_filters_by_time_and_service() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.audit(0, &entry(10, "web")).expect("audit");
+        store.audit(1, &entry(10, "db")).expect("audit");
+        store.audit(0, &entry(20, "web")).expect("audit");
+        store.audit(0, &entry(20, "web")).expect("same record twice");
+        assert_eq!(store.audit_range(0, 100, Some("web"), 10).expect("q").len(), 2);
+        assert_eq!(store.audit_range(15, 100, None, 10).expect("q").len(), 1);
+        assert_eq!(store.audit_range(0, 100, None, 2).expect("q").len(), 2);
+    }
+
+    #[test]
+    fn a_store_of_another_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.open_tree("meta").expect("meta").insert("schema", b"99".to_vec()).expect("put");
+            db.flush().expect("flush");
+        }
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Schema { found: 99 })));
+    }
+}
