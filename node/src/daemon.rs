@@ -36,6 +36,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+mod reconcile;
 pub(crate) mod transfer;
 
 use std::collections::HashMap;
@@ -358,6 +359,9 @@ pub async fn run(
         }
     });
     let acceptor = tokio::spawn(accept_loop(Arc::clone(&inner)));
+    if let Some(coordinator) = inner.config.coordinator.clone() {
+        tokio::spawn(reconcile::run(Arc::clone(&inner), coordinator));
+    }
     write_ready(&inner.config.data_dir, &info)?;
     info!(
         role = inner.config.role.name(),

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use fleetwave_node::daemon::config::{Config, Role, Upstream};
+use fleetwave_node::daemon::config::{Config, CoordinatorSection, Role, Upstream};
 use fleetwave_node::daemon::{self, Faults};
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +71,18 @@ struct RunArgs {
     /// Host: secrets for activation hooks (KEY=VALUE file, mode 0600).
     #[arg(long, env = "FLEETWAVE_SECRETS_FILE")]
     secrets_file: Option<PathBuf>,
+    /// Host: the coordinator's gRPC URL (with --join-token-file and --environment).
+    #[arg(long, env = "FLEETWAVE_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Host: file holding the coordinator's join token.
+    #[arg(long, env = "FLEETWAVE_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Host: the environment it belongs to (dev, staging, prod, ..).
+    #[arg(long, env = "FLEETWAVE_ENVIRONMENT")]
+    environment: Option<String>,
+    /// Host: the name shown by the coordinator (default: the host name).
+    #[arg(long, env = "FLEETWAVE_NAME")]
+    name: Option<String>,
     /// Staged releases kept per service.
     #[arg(long, env = "FLEETWAVE_KEEP_RELEASES")]
     keep_releases: Option<usize>,
@@ -142,6 +154,33 @@ impl RunArgs {
         }
         if let Some(path) = &self.secrets_file {
             config.secrets_file = Some(path.clone());
+        }
+        if let Some(url) = &self.coordinator {
+            let current = config.coordinator.take();
+            config.coordinator = Some(CoordinatorSection {
+                url: url.clone(),
+                join_token_file: self
+                    .join_token_file
+                    .clone()
+                    .or_else(|| current.as_ref().map(|c| c.join_token_file.clone()))
+                    .context("--coordinator needs --join-token-file")?,
+                environment: self
+                    .environment
+                    .clone()
+                    .or_else(|| current.as_ref().map(|c| c.environment.clone()))
+                    .context("--coordinator needs --environment")?,
+                name: self.name.clone().or_else(|| current.and_then(|c| c.name)),
+            });
+        } else if let Some(c) = config.coordinator.as_mut() {
+            if let Some(f) = &self.join_token_file {
+                c.join_token_file = f.clone();
+            }
+            if let Some(e) = &self.environment {
+                c.environment = e.clone();
+            }
+            if let Some(n) = &self.name {
+                c.name = Some(n.clone());
+            }
         }
         if let Some(n) = self.keep_releases {
             config.stage.keep_releases = n;

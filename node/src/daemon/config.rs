@@ -86,6 +86,24 @@ pub struct Config {
     /// Host: the secrets injected into activation hooks, a `KEY=VALUE` file only its owner
     /// may read. Default none.
     pub secrets_file: Option<PathBuf>,
+    /// Host: the coordinator it enrolls with and reconciles to. Default none: the host is
+    /// driven through its admin API only.
+    pub coordinator: Option<CoordinatorSection>,
+}
+
+/// The coordinator a host reconciles to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// Its gRPC address, e.g. `http://coordinator.example:7500`.
+    pub url: String,
+    /// File holding the join token (read at enrollment; never logged).
+    pub join_token_file: PathBuf,
+    /// The environment this host belongs to (`dev`, `staging`, `prod`, ..).
+    pub environment: String,
+    /// The name shown in listings. Default: the host name.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Listening sockets. Port 0 asks the system for a free port; the bound addresses are written
@@ -173,6 +191,7 @@ impl Default for Config {
             stage: StageSection::default(),
             upload_token_file: None,
             secrets_file: None,
+            coordinator: None,
         }
     }
 }
@@ -305,6 +324,17 @@ impl Config {
             }
             if upstream.peer_id.parse::<libp2p_identity::PeerId>().is_err() {
                 return invalid("origin/caches.peer_id", "not a libp2p PeerId");
+            }
+        }
+        if let Some(c) = &self.coordinator {
+            if self.role != Role::Host {
+                return invalid("coordinator", "only hosts reconcile to a coordinator");
+            }
+            if !c.url.starts_with("http://") && !c.url.starts_with("https://") {
+                return invalid("coordinator.url", "must be an http:// URL");
+            }
+            if c.environment.is_empty() || c.environment.len() > 128 {
+                return invalid("coordinator.environment", "must be 1 to 128 characters");
             }
         }
         if self.swarm.origin_max_hosts == 0 {
