@@ -51,6 +51,13 @@ pub(crate) enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run a daemon from a TOML config (what `fleetwave-node` and `fleetwave-coordinator`
+    /// run; the demo and the end-to-end tests start them through this).
+    #[command(hide = true)]
+    Daemon {
+        #[command(subcommand)]
+        which: DaemonKind,
+    },
     /// Talk to a running `fleetwave-node` daemon: stage a manifest on a host, show status.
     Node {
         /// The daemon's API.
@@ -63,6 +70,22 @@ pub(crate) enum Command {
         api: String,
         #[command(subcommand)]
         command: NodeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DaemonKind {
+    /// A node (origin, cache or host).
+    Node {
+        /// Its config (TOML, as `fleetwave-node --config`).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The coordinator.
+    Coordinator {
+        /// Its config (TOML, as `fleetwave-coordinator --config`).
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 

@@ -1,5 +1,6 @@
 //! Subcommand implementations.
 
+mod daemons;
 mod demo;
 mod inspect;
 mod node;
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use fleetwave_chunker::{ManifestId, SignedManifest};
 use fleetwave_node::store::ChunkStore;
 
-use crate::cli::{Cli, Command, NodeCommand};
+use crate::cli::{Cli, Command, DaemonKind, NodeCommand};
 
 pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -32,6 +33,10 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             inspect::run(&store, &manifest, against.as_deref())
         }
         Command::Demo { keep } => demo::run(keep),
+        Command::Daemon { which } => match which {
+            DaemonKind::Node { config } => daemons::node(&config),
+            DaemonKind::Coordinator { config } => daemons::coordinator(&config),
+        },
         Command::Node { api, command } => match command {
             NodeCommand::Stage { manifest, wait, quiet } => {
                 node::stage(&api, &manifest, wait, quiet)
