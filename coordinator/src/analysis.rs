@@ -59,8 +59,12 @@
 //!
 //! - **Harm**: null `ψ ≤ 1 + allowed_increase`. The canary **fails** as soon as the e-value
 //!   reaches `1/α'`, where `α'` is the gate's `alpha` divided among its failing tests.
-//! - **Safety**: null `ψ ≥ 1 + critical_increase`, alternatives below it. Once its e-value
-//!   reaches `1/pass_alpha`, a critical regression is ruled out.
+//! - **Safety**: null `ψ ≥ 1 + critical_increase`. A pass is given once, at the end of the
+//!   bake, so this one needs no anytime validity, and a fixed-horizon test is the more
+//!   powerful: the conditional score test stratified by interval (Mantel-Haenszel with the
+//!   exact conditional mean and variance of each interval's canary errors at the null odds
+//!   ratio). A critical regression is ruled out when its one-sided p-value is below
+//!   `pass_alpha`.
 //!
 //! ## Why anytime-valid
 //!
@@ -84,8 +88,9 @@
 //! `P(canary > b') ≤ P(baseline > b)` for any bound `b' ≥ (1 + allowed_increase) b`. So in each
 //! interval the judge forms the table "canary requests above `b'`" against "baseline requests
 //! above `b`", `b'` the first bucket bound at or above `(1 + allowed_increase) b`, and feeds
-//! it to the same mixture SPRT with null odds ratio 1 (harm). Safety mirrors it with `b''` the
-//! last bound at or below `(1 + critical_increase) b`. Rounding the bounds outward keeps both
+//! it to the same mixture SPRT with null odds ratio 1 (harm). Safety mirrors it, with the
+//! score test at null odds ratio 1 and `b''` the last bound at or below
+//! `(1 + critical_increase) b`. Rounding the bounds outward keeps both
 //! tests valid on any bucket layout; coarse buckets only make them conservative (a +50% p99 is
 //! invisible between Prometheus' default bounds at 0.25 and 0.5 s). The threshold needs
 //! `10 / (1 - quantile)` baseline observations first (1,000 for p99).
@@ -93,10 +98,12 @@
 //! Beside it the judge runs a Mann-Whitney test of the whole distribution at the end of the
 //! bake (one look: valid as it stands), with ties (observations in the same bucket) counted
 //! half and the tie-corrected variance, and the Hodges-Lehmann estimate of the multiplicative
-//! shift with Moses' distribution-free interval ([`RankTest`]), Kayenta style. It fails the
-//! canary when the whole interval lies above `1 + allowed_increase` (a shift of the body of
-//! the distribution, which the tail test may see late), and a pass needs its upper end below
-//! `1 + critical_increase`.
+//! shift with Moses' distribution-free interval ([`RankTest`]), Kayenta style. Bucketing hides
+//! where each observation lies within its bucket, so the interval's ends are taken over the
+//! least and the greatest ratio each pair of buckets allows: valid, and up to a bucket wider
+//! at each end than the exact one. It fails the canary when the whole interval lies above
+//! `1 + allowed_increase`: a shift of the body of the distribution by more than a bucket
+//! beyond the allowed one, which the tail test may see late.
 //!
 //! # Verdicts
 //!
@@ -123,8 +130,11 @@
 //! `alpha` bounds the probability that a healthy canary (every metric within its allowed
 //! increase) is failed, over the whole gate, every look and every metric: it is divided among
 //! the failing tests (one sequential test per metric and direction, plus the rank test of each
-//! latency metric). `pass_alpha` bounds, per metric, the probability that a regression beyond
-//! its critical increase passes. Both rest on the requests of an interval being independent
+//! latency metric). `pass_alpha` bounds, per metric and direction, the probability that a
+//! regression at or beyond its critical increase passes a gate. A regression between the
+//! allowed and the critical increase may pass: it is failed only if the harm test crosses
+//! within the bake, and held (inconclusive) if the safety test cannot rule the critical one
+//! out. Both rest on the requests of an interval being independent
 //! given the rates; traffic whose errors come in bursts shared by canary and baseline is
 //! handled (conditioning), but bursts on one side only (one sick baseline host) look like a
 //! difference and should be kept out by the health gate. Measured detection times and false
@@ -149,7 +159,7 @@ pub use sample::{Buckets, BucketsError, HostSample, MAX_BUCKETS, Sample, SampleE
 pub use stats::RankTest;
 
 use crate::rollout::{GateId, GateRequest, Verdict};
-use stats::{MixtureSprt, Table, Tail};
+use stats::{LogLayout, MixtureSprt, ScoreTest, Table, Tail};
 
 /// Version of the [`JudgeSnapshot`] format; [`Judge::restore`] refuses any other.
 pub const SNAPSHOT_VERSION: u32 = 1;
@@ -226,15 +236,15 @@ impl MetricConfig {
         }
     }
 
-    /// The latency, slower is worse, watching p99: allowed +10%, critical +50%, at least 2,000
-    /// observations each side.
+    /// The latency, slower is worse, watching p99: allowed +10%, critical +25% (with buckets
+    /// of ratio 1.19, the tail test resolves no finer), at least 2,000 observations each side.
     pub fn latency() -> Self {
         Self {
             name: "latency".to_owned(),
             kind: MetricKind::Latency { quantile: 0.99 },
             direction: Direction::Increase,
             allowed_increase: 0.1,
-            critical_increase: 0.5,
+            critical_increase: 0.25,
             min_samples: 2000,
         }
     }
@@ -553,12 +563,14 @@ pub struct SequentialReport {
     pub harm_threshold: f64,
     /// When it crossed the threshold, if it did.
     pub harm_crossed_at: Option<Duration>,
-    /// The safety test's e-value now.
-    pub safety_e_value: f64,
-    /// The e-value at which a critical regression is ruled out (`1/pass_alpha`).
+    /// The safety test's standardized score (negative: fewer canary events than a critical
+    /// regression would make).
+    pub safety_z: f64,
+    /// Its one-sided p-value of "the regression is critical" (fixed horizon: it decides once,
+    /// at the end of the bake).
+    pub safety_p_value: f64,
+    /// The p-value below which a critical regression is ruled out (`pass_alpha`).
     pub safety_threshold: f64,
-    /// When it crossed, if it did.
-    pub shown_safe_at: Option<Duration>,
 }
 
 /// Where one metric stands.
@@ -668,8 +680,7 @@ struct OneSided {
     harm: MixtureSprt,
     harm_ln_max: f64,
     harm_crossed_at: Option<Duration>,
-    safety: MixtureSprt,
-    shown_safe_at: Option<Duration>,
+    safety: ScoreTest,
 }
 
 impl OneSided {
@@ -685,8 +696,7 @@ impl OneSided {
             harm: MixtureSprt::new(harm_null, Tail::Above),
             harm_ln_max: 0.0,
             harm_crossed_at: None,
-            safety: MixtureSprt::new(safety_null, Tail::Below),
-            shown_safe_at: None,
+            safety: ScoreTest::new(safety_null),
         }
     }
 }
@@ -695,8 +705,8 @@ impl OneSided {
 #[derive(Debug)]
 pub struct Judge {
     s: State,
-    /// `ln` of the representative value of each bucket (derived from the config).
-    reps: Vec<f64>,
+    /// The bucket layout on a log scale (derived from the config).
+    layout: LogLayout,
 }
 
 impl Judge {
@@ -711,7 +721,7 @@ impl Judge {
             return Err(ConfigError::DecideBeforeStart { start: window_start, decide_by });
         }
         let metrics = config.metrics.iter().map(|m| MetricState::new(m, &config.buckets)).collect();
-        let reps = stats::log_representatives(config.buckets.upper());
+        let layout = LogLayout::new(config.buckets.upper());
         Ok(Self {
             s: State {
                 config,
@@ -723,7 +733,7 @@ impl Judge {
                 metrics,
                 decided: None,
             },
-            reps,
+            layout,
         })
     }
 
@@ -762,8 +772,8 @@ impl Judge {
                 return corrupt("sequential tests");
             }
         }
-        let reps = stats::log_representatives(s.config.buckets.upper());
-        Ok(Self { s, reps })
+        let layout = LogLayout::new(s.config.buckets.upper());
+        Ok(Self { s, layout })
     }
 
     /// The whole state, to persist. Its floats are restored bit for bit by an exact encoding
@@ -825,10 +835,9 @@ impl Judge {
         }
         iv.used += 1;
         let alpha_each = self.s.config.alpha_each();
-        let pass_alpha = self.s.config.pass_alpha;
         let upper = self.s.config.buckets.upper().to_vec();
         for (m, config) in self.s.metrics.iter_mut().zip(&self.s.config.metrics) {
-            m.update(config, &upper, window, now, alpha_each, pass_alpha);
+            m.update(config, &upper, window, now, alpha_each);
         }
         Ok(())
     }
@@ -888,7 +897,7 @@ impl Judge {
         // The final look: the rank tests, once.
         let alpha_each = config.alpha_each();
         for (m, c) in self.s.metrics.iter().zip(&config.metrics) {
-            if let Some(direction) = m.rank_regression(c, &self.reps, alpha_each) {
+            if let Some(direction) = m.rank_regression(c, &self.layout, alpha_each) {
                 return Outcome::Fail {
                     metric: c.name.clone(),
                     test: TestKind::Rank { direction },
@@ -914,7 +923,7 @@ impl Judge {
             }
         }
         for (m, c) in self.s.metrics.iter().zip(&config.metrics) {
-            if !m.shown_safe(c, &self.reps, config.pass_alpha) {
+            if !m.shown_safe(config.pass_alpha) {
                 let reason = InconclusiveReason::NotShownSafe { metric: c.name.clone() };
                 return Outcome::Inconclusive { reason };
             }
@@ -925,15 +934,15 @@ impl Judge {
     fn metric_report(&self, m: &MetricState, c: &MetricConfig, final_look: bool) -> MetricReport {
         let config = &self.s.config;
         let alpha_each = config.alpha_each();
-        let rank = m.rank(&self.reps, alpha_each);
+        let rank = m.rank(&self.layout, alpha_each);
         let regression = m.tests.iter().any(|t| t.harm_crossed_at.is_some())
-            || (final_look && m.rank_regression(c, &self.reps, alpha_each).is_some());
+            || (final_look && m.rank_regression(c, &self.layout, alpha_each).is_some());
         let samples = m.canary.samples.min(m.baseline.samples);
         let status = if regression {
             MetricStatus::Regression
         } else if samples < c.min_samples || samples == 0 {
             MetricStatus::NotEnoughData
-        } else if m.shown_safe(c, &self.reps, config.pass_alpha) {
+        } else if m.shown_safe(config.pass_alpha) {
             MetricStatus::Safe
         } else {
             MetricStatus::Undecided
@@ -967,9 +976,9 @@ impl Judge {
                 harm_p_value: (-t.harm_ln_max).exp().min(1.0),
                 harm_threshold,
                 harm_crossed_at: t.harm_crossed_at,
-                safety_e_value: t.safety.ln_e().exp(),
-                safety_threshold: 1.0 / config.pass_alpha,
-                shown_safe_at: t.shown_safe_at,
+                safety_z: t.safety.z(),
+                safety_p_value: stats::normal_sf(-t.safety.z()),
+                safety_threshold: config.pass_alpha,
             })
             .collect();
         MetricReport {
@@ -1021,7 +1030,6 @@ impl MetricState {
         window: &Window,
         now: Duration,
         alpha_each: f64,
-        pass_alpha: f64,
     ) {
         match config.kind {
             MetricKind::ErrorRate => {
@@ -1106,30 +1114,27 @@ impl MetricState {
             if t.harm_crossed_at.is_none() && ln_e >= -alpha_each.ln() {
                 t.harm_crossed_at = Some(now);
             }
-            if t.shown_safe_at.is_none() && t.safety.ln_e() >= -pass_alpha.ln() {
-                t.shown_safe_at = Some(now);
-            }
         }
     }
 
     /// The rank test of the whole histograms at the failing tests' level (latency only).
-    fn rank(&self, reps: &[f64], alpha_each: f64) -> Option<RankTest> {
-        stats::rank_test(&self.canary_hist, &self.baseline_hist, reps, 1.0 - 2.0 * alpha_each)
+    fn rank(&self, layout: &LogLayout, alpha_each: f64) -> Option<RankTest> {
+        stats::rank_test(&self.canary_hist, &self.baseline_hist, layout, 1.0 - 2.0 * alpha_each)
     }
 
     /// The direction in which the final rank test shows a shift beyond the allowed one.
     fn rank_regression(
         &self,
         c: &MetricConfig,
-        reps: &[f64],
+        layout: &LogLayout,
         alpha_each: f64,
     ) -> Option<Direction> {
-        let r = self.rank(reps, alpha_each)?;
+        let r = self.rank(layout, alpha_each)?;
         let allowed = 1.0 + c.allowed_increase;
         let ways = if c.direction == Direction::Either { 2.0 } else { 1.0 };
         // Either direction: each way at half the level.
         let r = if ways > 1.0 {
-            stats::rank_test(&self.canary_hist, &self.baseline_hist, reps, 1.0 - alpha_each)?
+            stats::rank_test(&self.canary_hist, &self.baseline_hist, layout, 1.0 - alpha_each)?
         } else {
             r
         };
@@ -1144,27 +1149,10 @@ impl MetricState {
         None
     }
 
-    /// Whether every critical regression of the metric is ruled out.
-    fn shown_safe(&self, c: &MetricConfig, reps: &[f64], pass_alpha: f64) -> bool {
-        if !self.tests.iter().all(|t| t.shown_safe_at.is_some()) {
-            return false;
-        }
-        if matches!(c.kind, MetricKind::ErrorRate) {
-            return true;
-        }
-        let Some(r) =
-            stats::rank_test(&self.canary_hist, &self.baseline_hist, reps, 1.0 - 2.0 * pass_alpha)
-        else {
-            return false;
-        };
-        let critical = 1.0 + c.critical_increase;
-        let up_ok = r.shift_upper < critical;
-        let down_ok = r.shift_lower > 1.0 / critical;
-        match c.direction {
-            Direction::Increase => up_ok,
-            Direction::Decrease => down_ok,
-            Direction::Either => up_ok && down_ok,
-        }
+    /// Whether every critical regression of the metric is ruled out, at `pass_alpha`.
+    fn shown_safe(&self, pass_alpha: f64) -> bool {
+        let z = stats::normal_quantile(1.0 - pass_alpha);
+        self.tests.iter().all(|t| t.safety.z() <= -z)
     }
 }
 
@@ -1422,10 +1410,10 @@ mod tests {
         let mut config = JudgeConfig::default();
         config.metrics[0].min_samples = 100;
         config.metrics[1].min_samples = 100;
-        let mut j = Judge::new(config, Duration::ZERO, Duration::from_secs(60)).expect("valid");
+        let mut j = Judge::new(config, Duration::ZERO, Duration::from_secs(10)).expect("valid");
         let mut t = Traffic::new(6);
-        // 3,000 requests a side: too few errors to rule out a doubling.
-        let (v, _) = run(&mut j, &mut t, 6, Model::healthy(), Model::healthy());
+        // 500 requests a side, a few errors: too few to rule out a doubling.
+        let (v, _) = run(&mut j, &mut t, 1, Model::healthy(), Model::healthy());
         assert_eq!(v, Some(Verdict::Inconclusive));
         assert!(matches!(
             j.report().outcome,
