@@ -317,10 +317,29 @@ impl LocalFleet {
 
     /// Restarts the coordinator (after [`Proc::kill9`] or not): same state directory.
     pub fn restart_coordinator(&mut self) -> Result<()> {
+        // On the same ports: the hosts know its address.
+        let config = std::fs::read_to_string(&self.coordinator.config)?
+            .replace(
+                "listen_grpc = \"127.0.0.1:0\"",
+                &format!("listen_grpc = \"{}\"", self.coordinator.ready_str("grpc")),
+            )
+            .replace(
+                "listen_api = \"127.0.0.1:0\"",
+                &format!("listen_api = \"{}\"", self.coordinator.ready_str("api")),
+            );
+        write_config(&self.coordinator.config, &config)?;
         self.coordinator.restart(&self.exe)?;
         self.api =
             Api::new(&format!("http://{}", self.coordinator.ready_str("api")), &self.admin_token);
         Ok(())
+    }
+
+    /// The last `lines` lines of a daemon's log (for failure messages).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Polls `f` every 50 ms until it answers, for at most `limit`.
@@ -336,7 +355,10 @@ impl LocalFleet {
                 return Ok(v);
             }
             if Instant::now() > deadline {
-                bail!("timed out after {limit:?} waiting for {what}");
+                bail!(
+                    "timed out after {limit:?} waiting for {what}; coordinator log:\n{}",
+                    self.log_tail("coordinator", 30)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -311,6 +311,9 @@ impl Fleet {
         let log = self.store.log_after(id, snap_seq)?;
         self.live.insert(id, Live { id, engine, seq: snap_seq, snap_seq, gate: None });
         tracing::info!(deployment = id, replayed = log.len(), "resuming deployment");
+        // Commands the snapshot holds unpolled (the first snapshot is taken before its
+        // commands are carried out), under the log position they had.
+        self.drain(id, Duration::from_millis(record_now(&self.records, id)), snap_seq)?;
         for (seq, entry) in log {
             let now = Duration::from_millis(entry.now_ms);
             if let Some(live) = self.live.get_mut(&id) {
@@ -1251,6 +1254,11 @@ impl Fleet {
     pub fn running_deployments(&self) -> usize {
         self.records.values().filter(|r| r.state == DeploymentState::Running).count()
     }
+}
+
+/// When deployment `id` started (its first snapshot's time), in ms.
+fn record_now(records: &BTreeMap<u64, DeploymentRecord>, id: u64) -> u64 {
+    records.get(&id).and_then(|r| r.started_ms).unwrap_or_default()
 }
 
 fn apply(engine: &mut Rollout, now: Duration, input: &Input) {

@@ -1,0 +1,283 @@
+//! End to end: deployments through the coordinator onto real hosts (origin, cache,
+//! coordinator and 8 hosts as processes on 127.0.0.1, temporary directories).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fleetwave::local::{Api, ApiError, FleetSpec, LocalFleet};
+use fleetwave_coordinator::view::{AuditView, DeploymentView, HostView};
+
+const EXE: &str = env!("CARGO_BIN_EXE_fleetwave");
+
+fn fleet(dir: &Path) -> LocalFleet {
+    LocalFleet::start(Path::new(EXE), dir, &FleetSpec::default()).expect("fleet starts")
+}
+
+/// A small service tree whose hooks append `begin`/`end` lines with the release directory to
+/// `events` (shared by every host), and whose health check runs `health`.
+fn tree(dir: &Path, version: &str, events: &Path, health: &str) {
+    std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
+    let body: Vec<u8> =
+        (0..(512 * 1024u32)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(dir.join("bin/server"), &body).expect("write");
+    std::fs::write(dir.join("VERSION"), version).expect("write");
+    let events = events.display();
+    let hooks = format!(
+        "[hooks]\n\
+         before_install = \"echo begin $PWD >> {events}\"\n\
+         validate = \"sleep 0.3; echo end $PWD >> {events}\"\n\
+         timeout = \"20s\"\n\
+         [health]\ncommand = {health:?}\ntimeout = \"1s\"\n"
+    );
+    std::fs::write(dir.join("fleetwave.toml"), hooks).expect("write");
+}
+
+/// Publishes `dir` as web `version` to the fleet's origin and registers it, promoted to
+/// `envs`; returns the manifest id.
+fn publish(fleet: &LocalFleet, dir: &Path, version: &str, envs: &[&str]) -> String {
+    let out = Command::new(EXE)
+        .args(["publish", "--service", "web", "--version", version, "--key"])
+        .arg(&fleet.key)
+        .arg("--origin")
+        .arg(fleet.origin_url())
+        .arg(dir)
+        .output()
+        .expect("publish runs");
+    assert!(out.status.success(), "publish: {}", common::stderr(&out));
+    let text = common::stdout(&out);
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("manifest:"))
+        .map(|s| s.trim().to_owned())
+        .expect("manifest id printed");
+    fleet.register(&id, envs).expect("register");
+    id
+}
+
+fn deploy(api: &Api, spec: serde_json::Value) -> Result<DeploymentView, anyhow::Error> {
+    api.post("/api/v1/deployments", &spec)
+}
+
+fn api_error(e: anyhow::Error) -> ApiError {
+    e.downcast::<ApiError>().expect("an API error")
+}
+
+fn wait_final(fleet: &LocalFleet, id: u64, limit: Duration) -> DeploymentView {
+    fleet
+        .wait(&format!("deployment {id} to end"), limit, |f| {
+            f.api.deployment(id).ok().filter(DeploymentView::is_final)
+        })
+        .expect("deployment ends")
+}
+
+fn versions_active(fleet: &LocalFleet) -> Vec<Option<String>> {
+    let hosts: Vec<HostView> = fleet.api.get("/api/v1/hosts").expect("hosts");
+    hosts
+        .iter()
+        .map(|h| h.services.iter().find(|s| s.service == "web").and_then(|s| s.active.clone()))
+        .collect()
+}
+
+/// Most hosts between `begin` and `end` at once, replaying the hooks' shared log.
+fn max_concurrent(events: &Path) -> usize {
+    let text = std::fs::read_to_string(events).unwrap_or_default();
+    let mut open = std::collections::HashSet::new();
+    let mut most = 0;
+    for line in text.lines() {
+        let (what, dir) = line.split_once(' ').expect("event line");
+        // The host is the directory above releases/.
+        let host = dir.split("/releases/").next().expect("host dir").to_owned();
+        match what {
+            "begin" => {
+                open.insert(host);
+            }
+            _ => {
+                open.remove(&host);
+            }
+        }
+        most = most.max(open.len());
+    }
+    most
+}
+
+#[test]
+fn rolling_keeps_the_budget_and_a_failing_canary_rolls_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fleet = fleet(&tmp.path().join("fleet"));
+    let events = tmp.path().join("events.log");
+    let src = tmp.path().join("web");
+
+    tree(&src, "1.0.0", &events, "true");
+    publish(&fleet, &src, "1.0.0", &["staging", "prod"]);
+    let d1 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "25%", "bake": "200ms", "analysis": false}),
+    )
+    .expect("deploy 1.0.0");
+    let done = wait_final(&fleet, d1.id, Duration::from_secs(90));
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert!(versions_active(&fleet).iter().all(|v| v.as_deref() == Some("1.0.0")));
+    let begins = std::fs::read_to_string(&events).expect("events").matches("begin").count();
+    assert_eq!(begins, 8, "every host activated once");
+    let most = max_concurrent(&events);
+    assert!(most <= 2, "{most} hosts were activating at once; 25% of 8 is 2");
+    assert!(most >= 1);
+
+    // 1.0.1's health check fails: the first canary host fails, everything rolls back.
+    std::fs::remove_file(&events).expect("reset events");
+    tree(&src, "1.0.1", &events, "exit 1");
+    publish(&fleet, &src, "1.0.1", &["staging", "prod"]);
+    let d2 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.1", "environment": "prod",
+            "strategy": "canary", "bake": "1s", "analysis": false}),
+    )
+    .expect("deploy 1.0.1");
+    let done = wait_final(&fleet, d2.id, Duration::from_secs(90));
+    assert_eq!(done.state, "rolled_back", "{done:?}");
+    assert!(done.totals.assigned <= 1, "a 1% canary of 8 hosts is one host: {done:?}");
+    fleet
+        .wait("every host on 1.0.0", Duration::from_secs(30), |f| {
+            versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())
+        })
+        .expect("all back on 1.0.0");
+    let audit: Vec<AuditView> = fleet.api.get("/api/v1/audit?service=web").expect("audit");
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    for wanted in [
+        "version.register",
+        "version.promote",
+        "deployment.create",
+        "rollout.host_failed",
+        "rollout.rolling_back",
+        "rollout.rolled_back",
+    ] {
+        assert!(actions.contains(&wanted), "audit lacks {wanted}: {actions:?}");
+    }
+    fleet.stop().expect("fleet stops");
+}
+
+#[test]
+fn refusals_promotion_tokens_and_one_deployment_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fleet = fleet(&tmp.path().join("fleet"));
+    let events = tmp.path().join("events.log");
+    let src = tmp.path().join("web");
+    tree(&src, "1.0.0", &events, "true");
+    publish(&fleet, &src, "1.0.0", &[]);
+    let spec = serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
+        "strategy": "canary", "bake": "1h", "analysis": false});
+
+    // Only in dev: prod is refused.
+    let e = api_error(deploy(&fleet.api, spec.clone()).expect_err("not promoted"));
+    assert_eq!((e.status, e.code.as_str()), (403, "not_promoted"), "{e}");
+
+    // No token, an unknown token, a viewer token.
+    let e = api_error(deploy(&fleet.api.with_token(""), spec.clone()).expect_err("no token"));
+    assert_eq!((e.status, e.code.as_str()), (401, "unauthorized"));
+    let e = api_error(
+        deploy(&fleet.api.with_token("fwt_nope_nope_nope"), spec.clone()).expect_err("unknown"),
+    );
+    assert_eq!(e.status, 401);
+    let viewer = fleet.api.with_token(&fleet.viewer_token);
+    let e = api_error(deploy(&viewer, spec.clone()).expect_err("viewer"));
+    assert_eq!((e.status, e.code.as_str()), (403, "forbidden"));
+    let e = api_error(
+        viewer
+            .post::<serde_json::Value, _>(
+                "/api/v1/services/web/versions/1.0.0/promote",
+                &serde_json::json!({"environment": "prod"}),
+            )
+            .expect_err("viewer promotes"),
+    );
+    assert_eq!(e.status, 403);
+    let listed: Vec<HostView> = viewer.get("/api/v1/hosts").expect("a viewer reads");
+    assert_eq!(listed.len(), 8);
+
+    // Promoted: the first runs (its 1 h bake keeps it running), a second is refused or queued.
+    fleet.register(&publish_id(&fleet), &["staging", "prod"]).expect("promote");
+    let first = deploy(&fleet.api, spec.clone()).expect("first deployment");
+    assert_eq!(first.state, "running");
+    let mut refuse = spec.clone();
+    refuse["on_conflict"] = "refuse".into();
+    let e = api_error(deploy(&fleet.api, refuse).expect_err("second refused"));
+    assert_eq!((e.status, e.code.as_str()), (409, "deployment_in_progress"), "{e}");
+    let queued = deploy(&fleet.api, spec.clone()).expect("second queued");
+    assert_eq!(queued.state, "queued");
+    let mut hotfix = spec.clone();
+    hotfix["hotfix"] = true.into();
+    let hot = deploy(&fleet.api, hotfix).expect("hotfix queued");
+    // Ending the first starts the hotfix, ahead of the earlier queued one.
+    let _: DeploymentView = fleet
+        .api
+        .post(
+            &format!("/api/v1/deployments/{}/abort", first.id),
+            &serde_json::json!({"comment": "test"}),
+        )
+        .expect("abort");
+    let started = fleet
+        .wait("the hotfix to start", Duration::from_secs(30), |f| {
+            f.api.deployment(hot.id).ok().filter(|d| d.state == "running")
+        })
+        .expect("hotfix runs");
+    assert_eq!(started.id, hot.id);
+    assert_eq!(fleet.api.deployment(queued.id).expect("queued").state, "queued");
+    let audit: Vec<AuditView> = fleet.api.get("/api/v1/audit").expect("audit");
+    assert!(
+        audit.iter().any(|a| a.action == "auth.refused" && a.actor == "viewer"),
+        "refusals are audited"
+    );
+    fleet.stop().expect("fleet stops");
+}
+
+fn publish_id(fleet: &LocalFleet) -> String {
+    let versions: Vec<fleetwave_coordinator::view::VersionView> =
+        fleet.api.get("/api/v1/services/web/versions").expect("versions");
+    versions[0].manifest.clone()
+}
+
+#[test]
+fn a_coordinator_killed_mid_rollout_resumes_where_it_was() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut fleet = fleet(&tmp.path().join("fleet"));
+    let events = tmp.path().join("events.log");
+    let src = tmp.path().join("web");
+    tree(&src, "2.0.0", &events, "true");
+    publish(&fleet, &src, "2.0.0", &["staging", "prod"]);
+    let d = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "2.0.0", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "1", "bake": "300ms", "analysis": false}),
+    )
+    .expect("deploy");
+    // Kill it once a few hosts are done, mid-rollout.
+    fleet
+        .wait("three hosts updated", Duration::from_secs(60), |f| {
+            f.api.deployment(d.id).ok().filter(|v| v.totals.updated >= 3)
+        })
+        .expect("progress");
+    fleet.coordinator.kill9();
+    fleet.restart_coordinator().expect("coordinator restarts");
+    let done = wait_final(&fleet, d.id, Duration::from_secs(90));
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.totals.updated, 8);
+    assert!(versions_active(&fleet).iter().all(|v| v.as_deref() == Some("2.0.0")));
+    // No wave formed twice, none skipped: every host activated exactly once.
+    let text = std::fs::read_to_string(&events).expect("events");
+    assert_eq!(text.matches("begin").count(), 8, "{text}");
+    let audit: Vec<AuditView> = fleet.api.get("/api/v1/audit?service=web").expect("audit");
+    let mut waves: Vec<&str> = audit
+        .iter()
+        .filter(|a| a.action == "rollout.wave_started")
+        .map(|a| a.detail.split(':').next().unwrap_or_default())
+        .collect();
+    let n = waves.len();
+    waves.sort_unstable();
+    waves.dedup();
+    assert_eq!(waves.len(), n, "a wave was started twice: {audit:?}");
+    assert!(max_concurrent(&events) <= 1);
+    fleet.stop().expect("fleet stops");
+}
