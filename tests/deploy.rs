@@ -240,7 +240,7 @@ fn publish_id(fleet: &LocalFleet) -> String {
 }
 
 #[test]
-fn a_coordinator_killed_mid_rollout_resumes_where_it_was() {
+fn a_coordinator_killed_mid_rollout_resumes_where_it_was_then_blue_green_switches_and_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut fleet = fleet(&tmp.path().join("fleet"));
     let events = tmp.path().join("events.log");
@@ -279,5 +279,33 @@ fn a_coordinator_killed_mid_rollout_resumes_where_it_was() {
     waves.dedup();
     assert_eq!(waves.len(), n, "a wave was started twice: {audit:?}");
     assert!(max_concurrent(&events) <= 1);
+
+    // Blue-green: 3.0.0 starts beside 2.0.0 everywhere, the region switches at once, 2.0.0
+    // stays running as the standby; rolling back is a switch back.
+    tree(&src, "3.0.0", &events, "true");
+    publish(&fleet, &src, "3.0.0", &["staging", "prod"]);
+    let bg = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "3.0.0", "environment": "prod",
+            "strategy": "blue_green", "bake": "300ms", "analysis": false}),
+    )
+    .expect("blue-green deploy");
+    let done = wait_final(&fleet, bg.id, Duration::from_secs(90));
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    let hosts: Vec<HostView> = fleet.api.get("/api/v1/hosts").expect("hosts");
+    for h in &hosts {
+        let web = h.services.iter().find(|s| s.service == "web").expect("web");
+        assert_eq!(web.active.as_deref(), Some("3.0.0"), "{h:?}");
+        assert_eq!(web.standby.as_deref(), Some("2.0.0"), "the old release stays beside: {h:?}");
+    }
+    let _: DeploymentView = fleet
+        .api
+        .post(&format!("/api/v1/deployments/{}/rollback", bg.id), &serde_json::json!({}))
+        .expect("switch back");
+    fleet
+        .wait("every host back on 2.0.0", Duration::from_secs(30), |f| {
+            versions_active(f).iter().all(|v| v.as_deref() == Some("2.0.0")).then_some(())
+        })
+        .expect("switched back");
     fleet.stop().expect("fleet stops");
 }

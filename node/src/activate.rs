@@ -284,6 +284,10 @@ pub struct ServiceState {
     pub pending: Option<Pending>,
     /// How the last one ended.
     pub last: Option<Outcome>,
+    /// A release started beside the active one without traffic (blue-green), and whether its
+    /// start and health check passed.
+    #[serde(default)]
+    pub standby: Option<(ReleaseRef, bool)>,
 }
 
 /// Errors of activation.
@@ -543,6 +547,7 @@ impl Activator {
             manifest: id,
             dir: &dir,
             previous: state.active.as_ref().map(|a| a.dir.clone()),
+            standby: false,
         };
         info!(service, version = %entry.version, manifest = %id, "activating");
 
@@ -587,7 +592,14 @@ impl Activator {
         let outcome = match failure {
             None => {
                 self.area.set_active(service, id)?;
+                // Switching to the standby (blue-green) keeps the release it replaces running
+                // beside it, as the new standby.
+                let was_standby = state.standby.as_ref().is_some_and(|(r, _)| r.id == id.to_hex());
                 state.previous = state.active.take();
+                state.standby = match (&state.previous, was_standby) {
+                    (Some(p), true) => Some((p.clone(), true)),
+                    _ => None,
+                };
                 state.active = Some(target);
                 info!(service, manifest = %id, "active");
                 Outcome {
@@ -614,6 +626,7 @@ impl Activator {
                             manifest,
                             dir: &active.dir,
                             previous: Some(dir.clone()),
+                            standby: false,
                         };
                         state.pending = None;
                         let start = spec.hooks.start.as_deref();
@@ -647,6 +660,93 @@ impl Activator {
         Ok(outcome)
     }
 
+    /// Starts staged release `id` of `service` beside the active one, without switching
+    /// `current/SERVICE` (blue-green): runs its `start` hook in its release directory with
+    /// `FLEETWAVE_SLOT=standby`, then its health check, and records it as the standby (healthy
+    /// or not). A later [`Activator::activate`] of it is the switch; the release it replaces
+    /// is then recorded as the standby, still running, for an instant switch back.
+    pub async fn start_standby(
+        &self,
+        service: &str,
+        id: ManifestId,
+    ) -> Result<Outcome, ActivateError> {
+        let entry = self.area.status_of(&id)?.ok_or(ActivateError::NotStaged { id })?;
+        if entry.service != service {
+            return Err(ActivateError::WrongService {
+                id,
+                service: service.to_owned(),
+                actual: entry.service,
+            });
+        }
+        let (StageStatus::Staged, Some(dir)) = (&entry.status, entry.release.clone()) else {
+            return Err(ActivateError::NotStaged { id });
+        };
+        let _guard = self.claim(service)?;
+        let mut state = self.load(service)?;
+        if state.standby.as_ref().is_some_and(|(r, _)| r.id == id.to_hex())
+            || state.active.as_ref().is_some_and(|a| a.id == id.to_hex())
+        {
+            let ok = state.standby.as_ref().is_none_or(|(_, ok)| *ok);
+            return Ok(Outcome {
+                target: id.to_hex(),
+                ok,
+                failed_hook: None,
+                reason: None,
+                rolled_back: false,
+            });
+        }
+        let spec = ActivationSpec::from_release(&dir)?;
+        let env = HookEnv {
+            service,
+            version: &entry.version,
+            manifest: id,
+            dir: &dir,
+            previous: state.active.as_ref().map(|a| a.dir.clone()),
+            standby: true,
+        };
+        info!(service, version = %entry.version, manifest = %id, "starting beside the active release");
+        let mut result = self
+            .run_hook(
+                &mut state,
+                service,
+                Hook::Start,
+                spec.hooks.start.as_deref(),
+                spec.hooks.timeout,
+                &env,
+            )
+            .await?
+            .map_err(|r| (Hook::Start, r));
+        if result.is_ok() {
+            result = self
+                .check_health(&mut state, service, &spec.health, &env)
+                .await?
+                .map_err(|r| (Hook::Health, r));
+        }
+        let target =
+            ReleaseRef { id: id.to_hex(), version: entry.version.clone(), dir: dir.clone() };
+        state.standby = Some((target, result.is_ok()));
+        self.save(service, &state)?;
+        Ok(match result {
+            Ok(()) => Outcome {
+                target: id.to_hex(),
+                ok: true,
+                failed_hook: None,
+                reason: None,
+                rolled_back: false,
+            },
+            Err((hook, reason)) => {
+                warn!(service, manifest = %id, hook = hook.name(), %reason, "standby failed");
+                Outcome {
+                    target: id.to_hex(),
+                    ok: false,
+                    failed_hook: Some(hook),
+                    reason: Some(reason),
+                    rolled_back: false,
+                }
+            }
+        })
+    }
+
     /// Switches `service` back to its previous release and runs that release's `start` hook.
     pub async fn rollback(&self, service: &str) -> Result<Outcome, ActivateError> {
         let _guard = self.claim(service)?;
@@ -667,6 +767,7 @@ impl Activator {
             manifest: id,
             dir: &previous.dir,
             previous: state.active.as_ref().map(|a| a.dir.clone()),
+            standby: false,
         };
         let started = self
             .run_hook(
@@ -745,6 +846,7 @@ impl Activator {
             .env("FLEETWAVE_VERSION", env.version)
             .env("FLEETWAVE_MANIFEST", env.manifest.to_hex())
             .env("FLEETWAVE_RELEASE_DIR", env.dir)
+            .env("FLEETWAVE_SLOT", if env.standby { "standby" } else { "active" })
             .envs(self.secrets.vars.iter())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -845,6 +947,8 @@ struct HookEnv<'a> {
     manifest: ManifestId,
     dir: &'a Path,
     previous: Option<PathBuf>,
+    /// Started beside the active release (`FLEETWAVE_SLOT=standby`; else `active`).
+    standby: bool,
 }
 
 struct ClaimGuard {

@@ -209,12 +209,19 @@ impl Reconciler {
                     None => (pb::HealthState::Unspecified, Vec::new()),
                 };
                 let health = if active.is_empty() { pb::HealthState::Unspecified } else { health };
+                let (standby, standby_health) = match &state.standby {
+                    Some((r, ok)) => (
+                        id_of(&r.id),
+                        if *ok { pb::HealthState::Healthy } else { pb::HealthState::Unhealthy },
+                    ),
+                    None => (Vec::new(), pb::HealthState::Unspecified),
+                };
                 services.push(pb::ServiceReport {
                     service,
                     active,
-                    standby: Vec::new(),
+                    standby,
                     health: health as i32,
-                    standby_health: pb::HealthState::Unspecified as i32,
+                    standby_health: standby_health as i32,
                     activation_failed: failed,
                     counters: None,
                 });
@@ -259,15 +266,25 @@ impl Reconciler {
         let service = desired.service;
         let Some(area) = self.inner.area.clone() else { return };
         let staged = |m: &ManifestId| matches!(area.status_of(m), Ok(Some(e)) if e.status == StageStatus::Staged);
-        for m in [id(&desired.stage), id(&desired.active)].into_iter().flatten() {
+        for m in
+            [id(&desired.stage), id(&desired.active), id(&desired.standby)].into_iter().flatten()
+        {
             if !staged(&m) {
                 self.stage(m).await;
             }
         }
-        let Some(target) = id(&desired.active) else { return };
         let Some(activator) = self.inner.activator.clone() else { return };
         let state = activator.state(&service).unwrap_or_default();
         let active = state.active.as_ref().and_then(|r| r.id.parse::<ManifestId>().ok());
+        let standby = state.standby.as_ref().and_then(|(r, _)| r.id.parse::<ManifestId>().ok());
+        // Blue-green: start the release beside the active one first.
+        if let Some(want) = id(&desired.standby) {
+            if standby != Some(want) && active != Some(want) && staged(&want) {
+                self.spawn_activation(activator.clone(), service.clone(), want, true);
+                return;
+            }
+        }
+        let Some(target) = id(&desired.active) else { return };
         if active == Some(target) || !staged(&target) {
             return;
         }
@@ -275,6 +292,17 @@ impl Reconciler {
         if state.last.as_ref().is_some_and(|l| !l.ok && l.target == target.to_hex()) {
             return;
         }
+        self.spawn_activation(activator, service, target, false);
+    }
+
+    /// Activates `target` (or starts it as the standby) in a task of its own, one per service.
+    fn spawn_activation(
+        &self,
+        activator: crate::activate::Activator,
+        service: String,
+        target: ManifestId,
+        standby: bool,
+    ) {
         {
             let mut busy = self.activating.lock().unwrap_or_else(|p| p.into_inner());
             if !busy.insert(service.clone()) {
@@ -283,10 +311,14 @@ impl Reconciler {
         }
         let busy = self.activating.clone();
         let wake = self.wake.clone();
-        // Reported at once so the coordinator sees the switch begin.
         tokio::spawn(async move {
-            info!(%service, manifest = %target, "activating (desired by the coordinator)");
-            match activator.activate(&service, target, None).await {
+            info!(%service, manifest = %target, standby, "activating (desired by the coordinator)");
+            let result = if standby {
+                activator.start_standby(&service, target).await
+            } else {
+                activator.activate(&service, target, None).await
+            };
+            match result {
                 Ok(outcome) if outcome.ok => info!(%service, manifest = %target, "active"),
                 Ok(outcome) => warn!(
                     %service,
