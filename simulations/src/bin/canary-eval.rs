@@ -243,7 +243,7 @@ fn main() -> anyhow::Result<()> {
         config: JudgeConfig::default(),
     };
     println!(
-        "| case | rolled back | held | done | max hosts ever on the release | median time to rollback |"
+        "| case | rolled back | held (at most hosts on the release) | done | max hosts ever on the release | median time to rollback |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for (ci, &(regression, _)) in cases.iter().enumerate() {
@@ -266,10 +266,18 @@ fn main() -> anyhow::Result<()> {
             quantile(&rollback_times, 0.5)
                 .map_or("-".to_owned(), |d| format!("{}:{:02}", d.as_secs() / 60, d.as_secs() % 60))
         };
+        let held_on = outcomes
+            .iter()
+            .filter(|o| o.end == deploy::End::Held)
+            .map(|o| o.ever_ran)
+            .max()
+            .map_or("-".to_owned(), |h| {
+                format!("{:.0}%", 100.0 * f64::from(h) / f64::from(args.hosts))
+            });
         let running = count(deploy::End::Running);
         let held = count(deploy::End::Held);
         println!(
-            "| {} | {} | {}{} | {} | {} ({:.2}%) | {median} |",
+            "| {} | {} | {}{} (at {held_on}) | {} | {} ({:.2}%) | {median} |",
             regression.label(),
             count(deploy::End::RolledBack),
             held,
