@@ -27,7 +27,7 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use fleetwave_coordinator::analysis::{Buckets, JudgeConfig};
+use fleetwave_coordinator::analysis::{Buckets, JudgeConfig, MetricKind};
 
 use judges::{Fleetwave, Kayenta, Look, Threshold};
 use traffic::{Model, Stream, Z99};
@@ -53,6 +53,9 @@ struct Args {
     /// Hosts in the fleet of the rollout runs.
     #[arg(long, default_value_t = 50_000)]
     hosts: u32,
+    /// Critical increase of the error rate (judge default: 1.0, i.e. double).
+    #[arg(long)]
+    error_critical: Option<f64>,
     /// Seed of every stream.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -111,9 +114,27 @@ struct Run {
     inconclusive: bool,
 }
 
-fn run_stream(stream: &Stream, buckets: &Buckets, seed: u64) -> anyhow::Result<Run> {
+/// The judge's defaults, with the overrides given.
+fn judge_config(args: &Args) -> JudgeConfig {
+    let mut config = JudgeConfig::default();
+    if let Some(c) = args.error_critical {
+        for m in &mut config.metrics {
+            if m.kind == MetricKind::ErrorRate {
+                m.critical_increase = c;
+            }
+        }
+    }
+    config
+}
+
+fn run_stream(
+    stream: &Stream,
+    buckets: &Buckets,
+    config: &JudgeConfig,
+    seed: u64,
+) -> anyhow::Result<Run> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut fw = Fleetwave::new(JudgeConfig::default(), BAKE)?;
+    let mut fw = Fleetwave::new(config.clone(), BAKE)?;
     let mut th = Threshold::new(MAX_ERROR_RATE, MAX_P99, INTERVAL, buckets);
     let mut ky = Kayenta::new(KAYENTA_ALPHA, buckets);
     let mut run = Run::default();
@@ -160,6 +181,7 @@ fn show(d: Option<Duration>) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let buckets = Buckets::default();
+    let config = judge_config(&args);
     let canary_rate = args.rate * args.canary_share;
     let base = Model::baseline(canary_rate);
     println!(
@@ -203,7 +225,7 @@ fn main() -> anyhow::Result<()> {
         let mut runs = Vec::with_capacity(n as usize);
         for s in 0..n {
             let seed = args.seed.wrapping_mul(1_000_003) ^ ((ci as u64) << 32 | u64::from(s));
-            runs.push(run_stream(&stream, &buckets, seed)?);
+            runs.push(run_stream(&stream, &buckets, &config, seed)?);
         }
         let judges: [(&str, Vec<Option<Duration>>); 3] = [
             ("Fleetwave", runs.iter().map(|r| r.fleetwave).collect()),
@@ -240,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         rate: args.rate,
         interval: INTERVAL,
         buckets: buckets.clone(),
-        config: JudgeConfig::default(),
+        config: judge_config(&args),
     };
     println!(
         "| case | rolled back | held (at most hosts on the release) | done | max hosts ever on the release | median time to rollback |"
