@@ -19,6 +19,11 @@ fn fleet(dir: &Path) -> LocalFleet {
 /// A small service tree whose hooks append `begin`/`end` lines with the release directory to
 /// `events` (shared by every host), and whose health check runs `health`.
 fn tree(dir: &Path, version: &str, events: &Path, health: &str) {
+    tree_with(dir, version, events, health, "true");
+}
+
+/// [`tree`] with an `after_install` hook.
+fn tree_with(dir: &Path, version: &str, events: &Path, health: &str, after_install: &str) {
     std::fs::create_dir_all(dir.join("bin")).expect("mkdir");
     let body: Vec<u8> =
         (0..(512 * 1024u32)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
@@ -28,6 +33,7 @@ fn tree(dir: &Path, version: &str, events: &Path, health: &str) {
     let hooks = format!(
         "[hooks]\n\
          before_install = \"echo begin $PWD >> {events}\"\n\
+         after_install = {after_install:?}\n\
          validate = \"sleep 0.3; echo end $PWD >> {events}\"\n\
          timeout = \"20s\"\n\
          [health]\ncommand = {health:?}\ntimeout = \"1s\"\n"
@@ -157,6 +163,47 @@ fn rolling_keeps_the_budget_and_a_failing_canary_rolls_back() {
     ] {
         assert!(actions.contains(&wanted), "audit lacks {wanted}: {actions:?}");
     }
+
+    // A host killed while a hook runs reports that activation failed when it is back; the
+    // hook is not run again, and the deployment rolls back.
+    std::fs::remove_file(&events).expect("reset events");
+    tree_with(&src, "1.0.2", &events, "true", "sleep 60");
+    publish(&fleet, &src, "1.0.2", &["staging", "prod"]);
+    let d3 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.2", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "1", "bake": "200ms", "analysis": false}),
+    )
+    .expect("deploy 1.0.2");
+    let host = fleet
+        .wait("a host to run its hooks", Duration::from_secs(60), |_| {
+            let text = std::fs::read_to_string(&events).ok()?;
+            let line = text.lines().find(|l| l.starts_with("begin"))?.to_owned();
+            let dir = line.split_once(' ')?.1.split("/releases/").next()?.to_owned();
+            Some(Path::new(&dir).file_name()?.to_string_lossy().into_owned())
+        })
+        .expect("a hook runs");
+    // `after_install` runs right after `before_install`: give it a moment to be recorded.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut fleet = fleet;
+    let i = fleet.hosts.iter().position(|h| h.name == host).expect("the host");
+    fleet.hosts[i].restart(Path::new(EXE)).expect("host killed and restarted");
+    let done = wait_final(&fleet, d3.id, Duration::from_secs(90));
+    assert_eq!(done.state, "rolled_back", "{done:?}");
+    let audit: Vec<AuditView> = fleet.api.get("/api/v1/audit?service=web").expect("audit");
+    assert!(
+        audit.iter().any(|a| a.action == "rollout.host_failed"
+            && a.deployment == Some(d3.id)
+            && a.detail.contains("ActivationFailed")),
+        "the interrupted activation is reported failed: {audit:?}"
+    );
+    let text = std::fs::read_to_string(&events).expect("events");
+    assert_eq!(text.matches("begin").count(), 1, "the interrupted hook was not run again: {text}");
+    fleet
+        .wait("every host on 1.0.0", Duration::from_secs(30), |f| {
+            versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())
+        })
+        .expect("all on 1.0.0");
     fleet.stop().expect("fleet stops");
 }
 
