@@ -378,3 +378,40 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     tracing::info!("coordinator stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_the_defaults() {
+        let text = include_str!("../fleetwave-coordinator.example.toml");
+        let parsed: Config = toml::from_str(text).expect("example parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn tokens_parse_with_their_roles() {
+        let text = r#"
+            trust = ["/k.pub"]
+            [[tokens]]
+            name = "ci"
+            sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+            role = "deployer"
+            services = ["web"]
+            [[tokens]]
+            name = "ops"
+            sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+            role = "approver"
+        "#;
+        let c: Config = toml::from_str(text).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.tokens[0].role, Role::Deployer { services: vec!["web".into()] });
+        assert_eq!(c.tokens[1].role, Role::Approver);
+        let bad = Config {
+            tokens: vec![TokenConfig { sha256: "xyz".into(), ..c.tokens[0].clone() }],
+            ..c
+        };
+        assert!(bad.validate().is_err(), "a bad hash is refused before anything binds");
+    }
+}
