@@ -1612,9 +1612,9 @@ mod tests {
         );
     }
 
-    /// Under the null (canary and baseline alike, or the canary better), the share of
-    /// healthy canaries the sequential tests ever fail, over 60 looks each, stays within
-    /// `alpha`; a fixed-horizon test looked at as often would not.
+    /// Under the null (canary and baseline alike), the share of healthy canaries the
+    /// sequential tests ever fail, over 60 looks each, stays within `alpha`, whatever the
+    /// error rate, traffic and latency spread (seeded draws of them).
     #[test]
     fn anytime_valid_tests_keep_their_level_across_looks() {
         use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};

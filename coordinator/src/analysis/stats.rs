@@ -140,16 +140,15 @@ impl Table {
     }
 }
 
-/// `ln Z(ω)` of Fisher's noncentral hypergeometric distribution: the law of the canary's
-/// events `k` given the total events `n`, with `Z(ω) = Σ_j C(m1, j) C(m2, n - j) ω^j` over the
-/// support. Summed outward from the mode until the terms are negligible, so it costs about
-/// the distribution's spread (a few standard deviations), not its support.
-fn ln_fnch_normalizer(m1: f64, m2: f64, n: f64, ln_omega: f64) -> f64 {
-    let lo = (n - m2).max(0.0);
-    let hi = n.min(m1);
+/// `t(j + 1) / t(j)` of Fisher's noncentral hypergeometric law, `t(j) = C(m1, j) C(m2, n - j)
+/// ω^j`: decreasing in `j`.
+fn term_ratio(m1: f64, m2: f64, n: f64, ln_omega: f64) -> impl Fn(f64) -> f64 {
     let omega = ln_omega.exp();
-    // t(j + 1) / t(j): decreasing in j, so the mode is the first j where it drops below 1.
-    let ratio = |j: f64| (m1 - j) * (n - j) * omega / ((j + 1.0) * (m2 - n + j + 1.0));
+    move |j| (m1 - j) * (n - j) * omega / ((j + 1.0) * (m2 - n + j + 1.0))
+}
+
+/// The mode over `[lo, hi]`: the first `j` where the term ratio drops below 1 (binary search).
+fn mode_of(lo: f64, hi: f64, ratio: &impl Fn(f64) -> f64) -> f64 {
     let (mut a, mut b) = (lo, hi);
     while a < b {
         let mid = ((a + b) / 2.0).floor();
@@ -159,7 +158,18 @@ fn ln_fnch_normalizer(m1: f64, m2: f64, n: f64, ln_omega: f64) -> f64 {
             b = mid;
         }
     }
-    let mode = a;
+    a
+}
+
+/// `ln Z(ω)` of Fisher's noncentral hypergeometric distribution: the law of the canary's
+/// events `k` given the total events `n`, with `Z(ω) = Σ_j C(m1, j) C(m2, n - j) ω^j` over the
+/// support. Summed outward from the mode until the terms are negligible, so it costs about
+/// the distribution's spread (a few standard deviations), not its support.
+fn ln_fnch_normalizer(m1: f64, m2: f64, n: f64, ln_omega: f64) -> f64 {
+    let lo = (n - m2).max(0.0);
+    let hi = n.min(m1);
+    let ratio = term_ratio(m1, m2, n, ln_omega);
+    let mode = mode_of(lo, hi, &ratio);
     let ln_term = |j: f64| ln_choose(m1, j) + ln_choose(m2, n - j) + j * ln_omega;
     let ln_mode = ln_term(mode);
     let mut sum = 1.0;
@@ -191,18 +201,8 @@ fn ln_fnch_normalizer(m1: f64, m2: f64, n: f64, ln_omega: f64) -> f64 {
 fn fnch_moments(m1: f64, m2: f64, n: f64, ln_omega: f64) -> (f64, f64) {
     let lo = (n - m2).max(0.0);
     let hi = n.min(m1);
-    let omega = ln_omega.exp();
-    let ratio = |j: f64| (m1 - j) * (n - j) * omega / ((j + 1.0) * (m2 - n + j + 1.0));
-    let (mut a, mut b) = (lo, hi);
-    while a < b {
-        let mid = ((a + b) / 2.0).floor();
-        if ratio(mid) >= 1.0 {
-            a = mid + 1.0;
-        } else {
-            b = mid;
-        }
-    }
-    let mode = a;
+    let ratio = term_ratio(m1, m2, n, ln_omega);
+    let mode = mode_of(lo, hi, &ratio);
     // Weights relative to the mode's; moments about the mode, for precision.
     let (mut w, mut s1, mut s2) = (1.0, 0.0, 0.0);
     for step in [1.0f64, -1.0] {
