@@ -4,6 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+mod ops;
+
+pub(crate) use ops::{
+    ApiArgs, AuditArgs, DeployArgs, OpsCommand, PromoteArgs, ReadArgs, Since, StrategyArg,
+};
+
 /// Ship build artifacts to fleets of hosts and roll them out safely.
 #[derive(Debug, Parser)]
 #[command(name = "fleetwave", version, about)]
@@ -44,6 +50,8 @@ pub(crate) enum Command {
         #[arg(long)]
         against: Option<String>,
     },
+    #[command(flatten)]
+    Ops(OpsCommand),
     /// Show what Fleetwave does, on this machine, with no configuration: publish two versions of
     /// a sample artifact to a temporary origin, show what the second reused, verify both.
     Demo {
@@ -139,6 +147,19 @@ pub(crate) struct PublishOriginArg {
     pub(crate) upload_token_file: Option<PathBuf>,
 }
 
+/// Where `fleetwave publish` registers what it published.
+#[derive(Debug, Args)]
+pub(crate) struct RegisterArg {
+    /// After publishing, register the version with the coordinator at this REST API (it is
+    /// then in `dev`, ready to promote and deploy).
+    #[arg(long, env = "FLEETWAVE_COORDINATOR_API", value_name = "URL")]
+    pub(crate) coordinator: Option<String>,
+    /// File holding the coordinator API token (default: the token in FLEETWAVE_TOKEN). The
+    /// token is never printed.
+    #[arg(long, env = "FLEETWAVE_TOKEN_FILE", value_name = "PATH")]
+    pub(crate) token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// The artifact: a directory (packed deterministically) or a single file.
@@ -154,6 +175,8 @@ pub(crate) struct PublishArgs {
     pub(crate) key: PathBuf,
     #[command(flatten)]
     pub(crate) origin: PublishOriginArg,
+    #[command(flatten)]
+    pub(crate) register: RegisterArg,
     /// Average chunk size in bytes, a power of two (min = avg/4, max = avg*4). The default was chosen by
     /// measurement; see docs/BENCHMARKS.md.
     #[arg(long, env = "FLEETWAVE_CHUNK_AVG", default_value_t = 64 * 1024)]

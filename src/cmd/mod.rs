@@ -1,9 +1,11 @@
 //! Subcommand implementations.
 
+pub(crate) mod coordinator;
 mod daemons;
 mod demo;
 mod inspect;
 mod node;
+mod ops;
 mod publish;
 mod verify;
 
@@ -18,10 +20,22 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Keygen { out } => keygen(&out),
         Command::Publish(args) => {
+            // Set up before publishing, so that a bad URL or token is found before the upload.
+            let registrar = match &args.register.coordinator {
+                Some(url) => Some(ops::registrar(url, args.register.token_file.as_deref())?),
+                None => None,
+            };
             let report = publish::run(&publish::Options::from_args(args)?)?;
             report.print();
+            if let Some(client) = registrar {
+                let m = &report.manifest;
+                ops::register(&client, &m.service, &m.version, &report.envelope).with_context(
+                    || format!("published {}@{}, but it is not registered", m.service, m.version),
+                )?;
+            }
             Ok(())
         }
+        Command::Ops(command) => ops::run(command),
         Command::Verify { manifest, origin, trust } => {
             let store = open_store(&origin.origin)?;
             let report = verify::run(&store, &manifest, &trust, true)?;

@@ -121,6 +121,8 @@ pub(crate) fn now_unix() -> i64 {
 pub(crate) struct Report {
     pub(crate) id: ManifestId,
     pub(crate) manifest: Manifest,
+    /// The signed manifest envelope as stored on the origin (what the coordinator registers).
+    pub(crate) envelope: Vec<u8>,
     pub(crate) new_chunks: u64,
     pub(crate) new_bytes: u64,
     /// Distinct chunks the origin already held.
@@ -545,13 +547,15 @@ pub(crate) fn run(publish: &impl Publish) -> Result<Report> {
     let id = signed.id();
     // Chunks are durable before the manifest that names them becomes visible, and the manifest
     // before the ref that names it.
-    origin.put_manifest(&id, &signed.encode())?;
+    let envelope = signed.encode();
+    origin.put_manifest(&id, &envelope)?;
     origin.set_ref(&opts.service, &opts.version, &id)?;
     tracing::info!(manifest = %id, service = %opts.service, version = %opts.version, "published");
     let Tally { new_chunks, new_bytes, reused_chunks, reused_bytes } = tally;
     Ok(Report {
         id,
         manifest: signed.manifest().clone(),
+        envelope,
         new_chunks,
         new_bytes,
         reused_chunks,
