@@ -257,14 +257,29 @@ fn refusals_promotion_tokens_and_one_deployment_at_a_time() {
     let mut hotfix = spec.clone();
     hotfix["hotfix"] = true.into();
     let hot = deploy(&fleet.api, hotfix).expect("hotfix queued");
-    // Ending the first starts the hotfix, ahead of the earlier queued one.
+    // Rolling the first back (a first release: its canary host takes the service off) ends
+    // it and starts the hotfix, ahead of the earlier queued one.
+    fleet
+        .wait("the canary host updated", Duration::from_secs(60), |f| {
+            f.api.deployment(first.id).ok().filter(|d| d.totals.updated == 1)
+        })
+        .expect("canary up");
     let _: DeploymentView = fleet
         .api
         .post(
-            &format!("/api/v1/deployments/{}/abort", first.id),
+            &format!("/api/v1/deployments/{}/rollback", first.id),
             &serde_json::json!({"comment": "test"}),
         )
-        .expect("abort");
+        .expect("rollback");
+    let rolled = wait_final(&fleet, first.id, Duration::from_secs(30));
+    assert_eq!(rolled.state, "rolled_back", "{rolled:?}");
+    let audit: Vec<AuditView> = fleet.api.get("/api/v1/audit").expect("audit");
+    assert!(
+        audit.iter().any(|a| a.deployment == Some(first.id)
+            && a.action == "rollout.rolled_back"
+            && a.detail.starts_with("0 hosts")),
+        "every touched host confirmed: {audit:?}"
+    );
     let started = fleet
         .wait("the hotfix to start", Duration::from_secs(30), |f| {
             f.api.deployment(hot.id).ok().filter(|d| d.state == "running")

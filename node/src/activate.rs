@@ -41,6 +41,7 @@
 //! after_install = "..."
 //! start = "systemctl restart web"
 //! validate = "./bin/selftest"
+//! stop = "systemctl stop web"        # when the service is taken off the host
 //! timeout = "60s"
 //!
 //! [health]
@@ -97,6 +98,9 @@ pub enum Hook {
     Validate,
     /// The health check (not a hook, but run and recorded the same way).
     Health,
+    /// Stops the service when nothing of it should run any more (see
+    /// [`Activator::deactivate`]).
+    Stop,
 }
 
 impl Hook {
@@ -108,6 +112,7 @@ impl Hook {
             Hook::Start => "start",
             Hook::Validate => "validate",
             Hook::Health => "health",
+            Hook::Stop => "stop",
         }
     }
 }
@@ -124,6 +129,9 @@ pub struct Hooks {
     pub start: Option<String>,
     /// Validates it.
     pub validate: Option<String>,
+    /// Stops it, when the service is taken off the host (a rollback of its first release).
+    #[serde(default)]
+    pub stop: Option<String>,
     /// Longest any hook may run. Default 60 s.
     #[serde(with = "humantime_serde", default = "default_hook_timeout")]
     pub timeout: Duration,
@@ -745,6 +753,71 @@ impl Activator {
                 }
             }
         })
+    }
+
+    /// Takes `service` off this host: runs the active release's `stop` hook (if it has one),
+    /// removes `current/SERVICE` and records nothing active (the release stays on disk, as
+    /// the previous one). What a rollback of a service's first release does on a host that
+    /// ran nothing of it before.
+    pub async fn deactivate(&self, service: &str) -> Result<Outcome, ActivateError> {
+        let _guard = self.claim(service)?;
+        let mut state = self.load(service)?;
+        let Some(active) = state.active.clone() else {
+            return Ok(Outcome {
+                target: String::new(),
+                ok: true,
+                failed_hook: None,
+                reason: None,
+                rolled_back: false,
+            });
+        };
+        let spec = ActivationSpec::from_release(&active.dir).unwrap_or_default();
+        let manifest = active.id.parse().map_err(|_| ActivateError::State {
+            path: self.state_path(service),
+            message: "bad manifest id".into(),
+        })?;
+        let env = HookEnv {
+            service,
+            version: &active.version,
+            manifest,
+            dir: &active.dir,
+            previous: None,
+            standby: false,
+        };
+        info!(service, version = %active.version, "taking the service off this host");
+        let stopped = self
+            .run_hook(
+                &mut state,
+                service,
+                Hook::Stop,
+                spec.hooks.stop.as_deref(),
+                spec.hooks.timeout,
+                &env,
+            )
+            .await?;
+        if let Err(reason) = &stopped {
+            warn!(service, %reason, "stop hook failed; the service is taken off anyway");
+        }
+        let link = self.current_dir().join(service);
+        let io = |source| ActivateError::Io { path: link.clone(), source };
+        match fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        fs::File::open(self.current_dir()).and_then(|d| d.sync_all()).map_err(io)?;
+        state.previous = state.active.take();
+        state.standby = None;
+        let outcome = Outcome {
+            target: String::new(),
+            ok: stopped.is_ok(),
+            failed_hook: stopped.as_ref().err().map(|_| Hook::Stop),
+            reason: stopped.err(),
+            rolled_back: false,
+        };
+        state.last = Some(outcome.clone());
+        self.save(service, &state)?;
+        Ok(outcome)
     }
 
     /// Switches `service` back to its previous release and runs that release's `start` hook.

@@ -2,11 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &[
-    "fleetwave/v1/manifest.proto",
-    "fleetwave/v1/chunk.proto",
-    "fleetwave/v1/coordinator.proto",
-];
+const PROTOS: &[&str] =
+    &["fleetwave/v1/manifest.proto", "fleetwave/v1/chunk.proto", "fleetwave/v1/coordinator.proto"];
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

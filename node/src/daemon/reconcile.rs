@@ -284,7 +284,13 @@ impl Reconciler {
                 return;
             }
         }
-        let Some(target) = id(&desired.active) else { return };
+        let Some(target) = id(&desired.active) else {
+            // Nothing of the service should run here (the rollback of its first release).
+            if active.is_some() && id(&desired.standby).is_none() {
+                self.spawn_deactivation(activator, service);
+            }
+            return;
+        };
         if active == Some(target) || !staged(&target) {
             return;
         }
@@ -293,6 +299,25 @@ impl Reconciler {
             return;
         }
         self.spawn_activation(activator, service, target, false);
+    }
+
+    /// Takes the service off this host, in a task of its own.
+    fn spawn_deactivation(&self, activator: crate::activate::Activator, service: String) {
+        {
+            let mut busy = self.activating.lock().unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(service.clone()) {
+                return;
+            }
+        }
+        let busy = self.activating.clone();
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            if let Err(err) = activator.deactivate(&service).await {
+                warn!(%service, %err, "cannot take the service off this host");
+            }
+            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&service);
+            wake.notify_one();
+        });
     }
 
     /// Activates `target` (or starts it as the standby) in a task of its own, one per service.

@@ -408,7 +408,8 @@ pub struct HeartbeatResponse {
 pub struct DesiredService {
     #[prost(string, tag = "1")]
     pub service: ::prost::alloc::string::String,
-    /// Release to run (32 bytes); empty: leave what runs.
+    /// Release to run (32 bytes); empty: nothing of the service should run (a host that runs
+    /// a release of it takes it off: the rollback of the service's first release).
     #[prost(bytes = "vec", tag = "2")]
     pub active: ::prost::alloc::vec::Vec<u8>,
     /// Release to run beside it without traffic; empty: none.
