@@ -166,7 +166,9 @@
 //!
 //! A have-announcement costs O(1); a piece costs O(requests picked) plus one O(peers) pass when
 //! the global request budget was full; rarer events (disconnect, timeout, rejection) cost
-//! O(peers) passes. Nothing scans chunks x peers. [`Scheduler::poll_timeout`] is O(peers).
+//! O(peers) passes. Nothing scans chunks x peers. [`Scheduler::poll_timeout`] and
+//! [`Scheduler::handle_timeout`] are O(peers waited on: requests outstanding or backed off), not
+//! O(peers connected): a cache with thousands of hosts connected waits on a few.
 
 mod bitfield;
 mod picker;
@@ -744,6 +746,10 @@ pub struct Scheduler {
     writing: BTreeMap<ChunkIndex, Source>,
     picker: Picker,
     peers: BTreeMap<PeerId, Peer>,
+    /// Peers with requests outstanding or a back-off running: the only ones whose deadlines
+    /// [`poll_timeout`](Self::poll_timeout) and [`handle_timeout`](Self::handle_timeout) look
+    /// at, so a source with thousands of connected hosts pays for the few it waits on.
+    timed: BTreeSet<PeerId>,
     banned: BTreeSet<PeerId>,
     /// Active region peers that advertise every chunk (counted here, not per chunk).
     full_region: u32,
@@ -934,6 +940,7 @@ impl Scheduler {
             writing: BTreeMap::new(),
             picker: Picker::new(n, wanted),
             peers: BTreeMap::new(),
+            timed: BTreeSet::new(),
             banned: BTreeSet::new(),
             full_region: 0,
             live_caches: 0,
@@ -965,7 +972,7 @@ impl Scheduler {
     pub fn poll_timeout(&self) -> Option<Duration> {
         let mut next: Option<Duration> = None;
         let mut consider = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
-        for p in self.peers.values() {
+        for p in self.timed.iter().filter_map(|id| self.peers.get(id)) {
             if let Some(f) = p.in_flight.front() {
                 consider(f.sent + self.config.request_timeout);
             }
@@ -1386,7 +1393,7 @@ impl Scheduler {
         let now = self.advance(now);
         let mut changed = false;
         let timeout = self.config.request_timeout;
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let ids: Vec<PeerId> = self.timed.iter().copied().collect();
         for id in ids {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             let expired = p.in_flight.iter().take_while(|f| f.sent + timeout <= now).count();
@@ -1408,6 +1415,7 @@ impl Scheduler {
                 let backoff =
                     (self.config.timeout_backoff * factor).min(self.config.timeout_backoff_max);
                 self.back_off(id, Activity::Stalled { until: now + backoff });
+                self.retime(id);
                 changed = true;
             } else if p.state.until().is_some_and(|until| until <= now) {
                 self.set_state(id, Activity::Active);
@@ -1617,6 +1625,7 @@ impl Scheduler {
         let f = p.in_flight.remove(at)?;
         self.picker.remove_request(index);
         self.in_flight.remove(p.kind);
+        self.retime(peer);
         Some(f.sent)
     }
 
@@ -1625,13 +1634,18 @@ impl Scheduler {
         if self.picker.requests(index) == 0 {
             return false;
         }
+        let mut cancelled = Vec::new();
         for (&id, p) in self.peers.iter_mut() {
             if let Some(at) = p.in_flight.iter().position(|f| f.index == index) {
                 p.in_flight.remove(at);
                 self.picker.remove_request(index);
                 self.in_flight.remove(p.kind);
                 self.commands.push_back(Command::Cancel { peer: id, index });
+                cancelled.push(id);
             }
+        }
+        for id in cancelled {
+            self.retime(id);
         }
         true
     }
@@ -1658,6 +1672,20 @@ impl Scheduler {
         if was_counted && !is_counted {
             // Its chunks may now be region-rare: caches and the origin get a new look.
             self.clear_exhausted();
+        }
+        self.retime(id);
+    }
+
+    /// Keeps `timed` in step with `id`'s requests and back-off.
+    fn retime(&mut self, id: PeerId) {
+        let timed = self
+            .peers
+            .get(&id)
+            .is_some_and(|p| !p.in_flight.is_empty() || p.state.until().is_some());
+        if timed {
+            self.timed.insert(id);
+        } else {
+            self.timed.remove(&id);
         }
     }
 
@@ -1737,6 +1765,7 @@ impl Scheduler {
     /// Forgets a peer: its availability, requests (re-issued elsewhere) and uploads.
     fn remove_peer(&mut self, _now: Duration, id: PeerId) {
         self.set_state(id, Activity::Refused);
+        self.timed.remove(&id);
         let Some(p) = self.peers.remove(&id) else { return };
         for f in p.in_flight {
             self.picker.remove_request(f.index);
@@ -1854,6 +1883,7 @@ impl Scheduler {
                 self.picker.add_request(c);
                 self.in_flight.add(kind);
             }
+            self.timed.insert(id);
             self.commands.push_back(Command::Request { peer: id, chunks });
         }
         self.settle_permit();

@@ -21,7 +21,7 @@
 use serde::Serialize;
 
 use crate::artifact::Artifact;
-use crate::engine::{Time, secs};
+use crate::engine::secs;
 use crate::scenario::Scenario;
 use crate::world::{Outcome, Rel};
 
@@ -513,10 +513,6 @@ fn rollout_report(
     use fleetwave_coordinator::rollout::Notice;
     let mut done = None;
     let mut rollback: Option<RollbackReport> = None;
-    let on_target_at = |t: Time| {
-        let b = (t / 1_000_000_000) as usize;
-        outcome.series.on_target.get(b).copied().unwrap_or(on_target)
-    };
     for (t, n) in &outcome.notices {
         match n {
             Notice::Done { .. } => done = Some(secs(*t)),
@@ -526,7 +522,7 @@ fn rollout_report(
                     started: secs(*t),
                     finished: None,
                     duration: None,
-                    hosts_on_target_at_start: on_target_at(*t),
+                    hosts_on_target_at_start: outcome.on_target_at_rollback.unwrap_or(0),
                     unconfirmed: None,
                 });
             }

@@ -195,6 +195,8 @@ pub struct Outcome {
     pub core_errors: u64,
     /// Origin permits granted and denied.
     pub permits: (u64, u64),
+    /// Hosts running the target when a rollback started.
+    pub on_target_at_rollback: Option<u32>,
 }
 
 /// One host's result.
@@ -540,6 +542,9 @@ impl World {
                 RolloutCommand::Notify(notice) => {
                     if matches!(notice, Notice::Done { .. }) {
                         self.milestone(Milestone::RolloutDone);
+                    }
+                    if matches!(notice, Notice::RollingBack { .. }) {
+                        self.out.on_target_at_rollback.get_or_insert(self.on_target);
                     }
                     self.out.notices.push((now, notice));
                 }
@@ -1732,7 +1737,11 @@ impl World {
             return false;
         }
         let rollout_over = match self.rollout.as_ref() {
-            None => true,
+            // Stage-only: over once every live host is staged (or failed).
+            None => self.host_ids().all(|h| {
+                let n = &self.nodes[h as usize];
+                !n.alive || matches!(n.stage, Stage::Staged | Stage::Failed)
+            }),
             Some(r) => matches!(r.phase(), Phase::Done | Phase::RolledBack { .. } | Phase::Aborted),
         };
         let staging = self.host_ids().any(|h| {

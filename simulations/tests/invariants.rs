@@ -1,0 +1,79 @@
+//! The CI scenarios (hundreds of hosts) run end to end through the real cores, and their reports
+//! must satisfy the invariants every run should.
+
+use std::path::Path;
+
+use fleetwave_sim::report::Report;
+use fleetwave_sim::scenario::Scenario;
+
+fn scenario(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios").join(name);
+    Scenario::load(&path).expect("the scenario loads")
+}
+
+fn run(sc: &Scenario) -> Report {
+    fleetwave_sim::run(sc).expect("the scenario runs")
+}
+
+#[test]
+fn a_canary_rollout_stages_verified_content_everywhere_and_updates_every_host() {
+    let sc = scenario("ci-small.toml");
+    let r = run(&sc);
+    let i = &r.invariants;
+    assert!(i.all_live_complete, "{}", r.summary());
+    assert!(i.all_verified, "{}", r.summary());
+    assert_eq!(i.core_errors, 0, "{}", r.summary());
+    // Corrupt hosts served bad chunks: every one was caught by the hash check and its sender
+    // banned, and every host still ended with the manifest's content.
+    assert!(r.swarm.hash_mismatches > 0, "{}", r.summary());
+    assert!(r.swarm.bans > 0);
+    for region in &r.regions {
+        assert_eq!(region.incomplete, 0);
+        // The origin serves each region about once (its cache pulls it through).
+        assert!(region.origin_egress_per_artifact <= 1.05, "{}", r.summary());
+        let ratio = region.ratio.expect("complete");
+        assert!(ratio >= 1.0, "below the lower bound: {}", r.summary());
+    }
+    let rollout = r.rollout.as_ref().expect("a rollout ran");
+    assert_eq!(rollout.phase, "Done");
+    assert_eq!(rollout.updated as u64, r.hosts);
+    assert_eq!(rollout.on_target as u64, r.hosts);
+}
+
+#[test]
+fn a_failed_canary_gate_leaves_every_host_on_the_previous_release() {
+    let sc = scenario("ci-rollback.toml");
+    let r = run(&sc);
+    let rollout = r.rollout.as_ref().expect("a rollout ran");
+    assert!(rollout.phase.starts_with("RolledBack"), "{}", r.summary());
+    let rb = rollout.rollback.as_ref().expect("rolled back");
+    assert!(rb.reason.contains("GateFailed"), "{}", rb.reason);
+    assert!(rb.hosts_on_target_at_start > 0, "the canary was on the target");
+    assert_eq!(rb.unconfirmed, Some(0));
+    assert_eq!(r.invariants.rolled_back_to_previous, Some(true));
+    assert_eq!(rollout.on_target, 0);
+    assert_eq!(rollout.on_previous as u64, r.hosts);
+    // Staging went on and finished regardless.
+    assert!(r.invariants.all_live_complete && r.invariants.all_verified);
+    assert_eq!(r.invariants.core_errors, 0);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report_and_another_seed_another() {
+    let mut sc = scenario("ci-small.toml");
+    // A smaller fleet keeps the three runs quick; determinism does not depend on size.
+    for region in &mut sc.regions {
+        region.hosts /= 4;
+    }
+    sc.rollout.strategy = fleetwave_sim::scenario::StrategyKind::StageOnly;
+    let a = run(&sc);
+    let b = run(&sc);
+    assert_eq!(a, b);
+    assert_eq!(
+        serde_json::to_string(&a).expect("serializes"),
+        serde_json::to_string(&b).expect("serializes")
+    );
+    sc.seed += 1;
+    let c = run(&sc);
+    assert_ne!(a.completion_percentiles, c.completion_percentiles);
+}
