@@ -3,8 +3,10 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleetwave::local::{Api, ApiError, FleetSpec, LocalFleet};
@@ -369,5 +371,90 @@ fn a_coordinator_killed_mid_rollout_resumes_where_it_was_then_blue_green_switche
             versions_active(f).iter().all(|v| v.as_deref() == Some("2.0.0")).then_some(())
         })
         .expect("switched back");
+    fleet.stop().expect("fleet stops");
+}
+
+/// Plays the service on every host: every 100 ms, pushes the counters of what `current/web`
+/// runs to the host's API: 100 requests, of which 0.5% fail on 1.0.0 and 10% on 1.1.0 (a bad
+/// release that answers 5xx). Stops when `stop` is set.
+fn play_service(
+    hosts: Vec<(PathBuf, String)>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::new();
+        let mut counters = vec![(0u64, 0u64, String::new()); hosts.len()];
+        let mut tick = 0u64;
+        while !stop.load(Ordering::Relaxed) && tick < 20_000 {
+            tick += 1;
+            for (i, (dir, api)) in hosts.iter().enumerate() {
+                let version =
+                    std::fs::read_to_string(dir.join("current/web/VERSION")).unwrap_or_default();
+                let c = &mut counters[i];
+                if c.2 != version {
+                    // A new release starts counting from zero.
+                    *c = (0, 0, version.clone());
+                }
+                if version.is_empty() {
+                    continue;
+                }
+                c.0 += 100;
+                let bad = if version == "1.1.0" { 10 } else { u64::from(tick % 2 == 0) };
+                c.1 += bad;
+                let _ = http
+                    .post(format!("http://{api}/v1/services/web/metrics"))
+                    .json(&serde_json::json!({"requests": c.0, "errors": c.1}))
+                    .send();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn the_judge_rolls_back_a_canary_that_answers_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let fleet = fleet(&tmp.path().join("fleet"));
+    let events = tmp.path().join("events.log");
+    let src = tmp.path().join("web");
+    let stop = Arc::new(AtomicBool::new(false));
+    let hosts = fleet.hosts.iter().map(|h| (h.dir.clone(), h.ready_str("api"))).collect();
+    let service = play_service(hosts, stop.clone());
+
+    tree(&src, "1.0.0", &events, "true");
+    publish(&fleet, &src, "1.0.0", &["staging", "prod"]);
+    let d1 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "50%", "bake": "200ms", "analysis": false}),
+    )
+    .expect("deploy 1.0.0");
+    assert_eq!(wait_final(&fleet, d1.id, Duration::from_secs(90)).state, "succeeded");
+
+    tree(&src, "1.1.0", &events, "true");
+    publish(&fleet, &src, "1.1.0", &["staging", "prod"]);
+    // Healthy by its health check, but 10% of its requests fail (0.5% on 1.0.0): only the
+    // judge can tell, comparing the canary with the baseline hosts over the same windows.
+    let d2 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.1.0", "environment": "prod",
+            "strategy": "canary", "bake": "60s", "analysis": true}),
+    )
+    .expect("deploy 1.1.0");
+    let done = wait_final(&fleet, d2.id, Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    let _ = service.join();
+    assert_eq!(done.state, "rolled_back", "{done:?}");
+    assert!(done.outcome.as_deref().unwrap_or_default().contains("analysis gate"), "{done:?}");
+    assert_eq!(done.totals.assigned, 1, "only the 1% canary ran the bad release: {done:?}");
+    let gate = done.gates.last().expect("a gate was judged");
+    assert_eq!(gate.verdict, "fail", "{gate:?}");
+    assert!(gate.canary_errors * 20 > gate.canary_requests, "{gate:?}");
+    assert!(gate.evidence.get("metrics").is_some(), "the judge's evidence is kept: {gate:?}");
+    fleet
+        .wait("every host on 1.0.0", Duration::from_secs(30), |f| {
+            versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())
+        })
+        .expect("all back on 1.0.0");
     fleet.stop().expect("fleet stops");
 }

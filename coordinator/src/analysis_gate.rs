@@ -1,8 +1,9 @@
-//! Turns hosts' request counters into the samples an analysis gate judges, and asks the judge.
+//! Turns hosts' request counters (cumulative, from their heartbeats) into the per-interval
+//! samples the canary judge ([`crate::analysis`]) compares.
 
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::Verdict;
+use crate::analysis::{Buckets, HostSample};
 
 /// A host's counters for one service, cumulative since its release became active.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -11,7 +12,8 @@ pub struct HostCounters {
     pub requests: u64,
     /// Errors among them.
     pub errors: u64,
-    /// Cumulative latency bucket counts.
+    /// Cumulative latency counts at the coordinator's bucket bounds (`le`, Prometheus style,
+    /// `+Inf` last), empty when the service exports no latency.
     pub latency_buckets: Vec<u64>,
 }
 
@@ -37,96 +39,31 @@ impl HostCounters {
             latency_buckets: buckets,
         }
     }
-}
 
-/// Canary and baseline hosts' counters over the gate's window.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GateSamples {
-    /// Canary hosts.
-    pub canary: Vec<HostCounters>,
-    /// Baseline hosts.
-    pub baseline: Vec<HostCounters>,
-}
-
-/// The judge's answer at one look.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Judged {
-    /// `None`: keep looking.
-    pub verdict: Option<Verdict>,
-    /// What it saw.
-    pub evidence: serde_json::Value,
-}
-
-/// Fewest canary requests for anything but inconclusive.
-const MIN_REQUESTS: u64 = 200;
-
-/// Judges the error rates of canary against baseline. `decide`: the bake is over, an answer
-/// is due. Before that, only a clear regression answers (fail, early).
-pub fn judge(samples: &GateSamples, decide: bool) -> Judged {
-    let sum = |v: &[HostCounters]| {
-        v.iter().fold((0u64, 0u64), |(r, e), c| (r + c.requests, e + c.errors.min(c.requests)))
-    };
-    let (cr, ce) = sum(&samples.canary);
-    let (br, be) = sum(&samples.baseline);
-    let rate = |e: u64, r: u64| if r == 0 { 0.0 } else { e as f64 / r as f64 };
-    let (pc, pb) = (rate(ce, cr), rate(be, br));
-    // One-sided two-proportion z statistic (pooled), looked at repeatedly: a strict critical
-    // value keeps repeated looks from crying wolf.
-    let pooled = rate(ce + be, cr + br);
-    let se = (pooled * (1.0 - pooled) * (1.0 / cr.max(1) as f64 + 1.0 / br.max(1) as f64)).sqrt();
-    let z = if se > 0.0 {
-        (pc - pb) / se
-    } else if pc > pb {
-        f64::INFINITY
-    } else {
-        0.0
-    };
-    let evidence = serde_json::json!({
-        "test": "two-proportion z (one-sided), critical 3.5",
-        "canary": {"requests": cr, "errors": ce, "error_rate": pc},
-        "baseline": {"requests": br, "errors": be, "error_rate": pb},
-        "z": if z.is_finite() { z } else { 1e9 },
-    });
-    let enough = cr >= MIN_REQUESTS && br >= MIN_REQUESTS;
-    let verdict = if enough && z > 3.5 {
-        Some(Verdict::Fail)
-    } else if !decide {
-        None
-    } else if enough {
-        Some(Verdict::Pass)
-    } else {
-        Some(Verdict::Inconclusive)
-    };
-    Judged { verdict, evidence }
+    /// The interval's sample for the judge: the cumulative latency counts turned into counts
+    /// per bucket. A layout other than `buckets` gives no latency (the judge counts that
+    /// host's report invalid for latency only if it is the wrong length).
+    pub fn sample(&self, buckets: &Buckets) -> HostSample {
+        let latency = if self.latency_buckets.len() == buckets.counts() {
+            let mut prev = 0;
+            self.latency_buckets
+                .iter()
+                .map(|&c| {
+                    let n = c.saturating_sub(prev);
+                    prev = prev.max(c);
+                    n
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        HostSample { requests: self.requests, errors: self.errors.min(self.requests), latency }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hosts(n: usize, requests: u64, errors: u64) -> Vec<HostCounters> {
-        vec![HostCounters { requests, errors, latency_buckets: Vec::new() }; n]
-    }
-
-    #[test]
-    fn no_traffic_is_inconclusive_never_a_pass() {
-        let s = GateSamples { canary: hosts(2, 0, 0), baseline: hosts(2, 0, 0) };
-        assert_eq!(judge(&s, false).verdict, None);
-        assert_eq!(judge(&s, true).verdict, Some(Verdict::Inconclusive));
-    }
-
-    #[test]
-    fn a_clear_regression_fails_before_the_bake_ends() {
-        let s = GateSamples { canary: hosts(2, 1000, 100), baseline: hosts(2, 1000, 5) };
-        assert_eq!(judge(&s, false).verdict, Some(Verdict::Fail));
-    }
-
-    #[test]
-    fn equal_rates_pass_when_due() {
-        let s = GateSamples { canary: hosts(2, 1000, 5), baseline: hosts(2, 1000, 5) };
-        assert_eq!(judge(&s, false).verdict, None);
-        assert_eq!(judge(&s, true).verdict, Some(Verdict::Pass));
-    }
 
     #[test]
     fn counters_since_handle_resets() {
@@ -138,5 +75,19 @@ mod tests {
         );
         let reset = HostCounters { requests: 10, errors: 0, latency_buckets: vec![] };
         assert_eq!(reset.since(&start), reset);
+    }
+
+    #[test]
+    fn cumulative_buckets_become_per_bucket_counts() {
+        let buckets = Buckets::default();
+        let n = buckets.counts();
+        let mut cumulative: Vec<u64> = (0..n as u64).collect();
+        cumulative[n - 1] = 1000;
+        let c = HostCounters { requests: 1000, errors: 2, latency_buckets: cumulative };
+        let s = c.sample(&buckets);
+        assert_eq!(s.latency.len(), n);
+        assert_eq!(s.latency.iter().sum::<u64>(), 1000);
+        let other = HostCounters { latency_buckets: vec![1, 2, 3], ..c };
+        assert!(other.sample(&buckets).latency.is_empty());
     }
 }

@@ -34,7 +34,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::analysis_gate::{self, GateSamples, HostCounters};
+use crate::analysis::{Judge, JudgeConfig, MetricConfig, Sample, Window};
+use crate::analysis_gate::HostCounters;
 use crate::deploy::{Candidate, DeploymentSpec, OnConflict, SpecError, StrategyKind};
 use crate::rollout::{
     Command, Desired, GateRequest, HostEvent, HostId, ManifestId, Notice, Operator, Phase, Rollout,
@@ -144,13 +145,16 @@ struct HostMem {
     fresh: bool,
 }
 
-/// An open analysis gate.
+/// An open analysis gate: the judge and what it has seen.
 #[derive(Debug)]
 struct OpenGate {
     request: GateRequest,
-    /// Each canary and baseline host's counters when the window started.
-    start: HashMap<u64, HostCounters>,
+    judge: Judge,
+    /// Each canary and baseline host's counters at the last look.
+    last: HashMap<u64, HostCounters>,
     next_look_ms: u64,
+    /// Requests and errors of canary and baseline since the window started.
+    totals: [u64; 4],
 }
 
 #[derive(Debug)]
@@ -557,64 +561,89 @@ impl Fleet {
         let Some(gate) = &live.gate else { return Ok(()) };
         let service = live.engine.service().to_owned();
         let request = gate.request.clone();
-        let delta = |hosts: &[HostId]| -> Vec<HostCounters> {
-            hosts
-                .iter()
-                .map(|h| {
-                    let now_c = self.counters(h.0, &service);
-                    let start = gate.start.get(&h.0).cloned().unwrap_or_default();
-                    now_c.since(&start)
-                })
-                .collect()
-        };
-        let samples =
-            GateSamples { canary: delta(&request.canary), baseline: delta(&request.baseline) };
-        let decide = ms(now) >= ms(request.decide_by);
-        let judged = analysis_gate::judge(&samples, decide);
+        let buckets = gate.judge.config().buckets.clone();
+        // One window: what each host did since the last look.
+        let mut seen = HashMap::new();
+        let mut sides = [Sample::new(&buckets), Sample::new(&buckets)];
+        let mut totals = gate.totals;
+        for (side, hosts) in [&request.canary, &request.baseline].into_iter().enumerate() {
+            for h in hosts {
+                let reporting = self.hosts.get(&h.0).is_some_and(|m| {
+                    !m.actual.lost && m.actual.services.iter().any(|s| s.service == service)
+                });
+                if !reporting {
+                    sides[side].add_missing();
+                    continue;
+                }
+                let now_c = self.counters(h.0, &service);
+                let delta = now_c.since(gate.last.get(&h.0).unwrap_or(&HostCounters::default()));
+                totals[side * 2] += delta.requests;
+                totals[side * 2 + 1] += delta.errors;
+                if let Err(e) = sides[side].add_host(&delta.sample(&buckets)) {
+                    tracing::debug!(host = h.0, error = %e, "invalid analysis sample");
+                }
+                seen.insert(h.0, now_c);
+            }
+        }
+        let [canary, baseline] = sides;
+        let window = Window { end: now, canary, baseline };
+        let interval = ms(self.config.analysis_interval);
         let region =
             live.engine.regions().nth(usize::from(request.region.0)).unwrap_or_default().to_owned();
+        let Some(gate) = self.live.get_mut(&id).and_then(|l| l.gate.as_mut()) else {
+            return Ok(());
+        };
+        if let Err(e) = gate.judge.handle_window(now, &window) {
+            tracing::warn!(deployment = id, error = %e, "analysis window refused");
+        }
+        gate.last.extend(seen);
+        gate.totals = totals;
+        let verdict = gate.judge.poll_verdict(now);
+        let evidence = serde_json::to_value(gate.judge.report()).unwrap_or_default();
+        gate.next_look_ms = (ms(now) + interval).min(ms(request.decide_by)).max(ms(now) + 1);
         let mut gate_view = view::GateView {
             gate: request.gate.0,
             region,
             wave: request.wave,
             verdict: "pending".into(),
             canary_hosts: request.canary.len() as u32,
-            canary_requests: samples.canary.iter().map(|c| c.requests).sum(),
-            canary_errors: samples.canary.iter().map(|c| c.errors).sum(),
+            canary_requests: totals[0],
+            canary_errors: totals[1],
             baseline_hosts: request.baseline.len() as u32,
-            baseline_requests: samples.baseline.iter().map(|c| c.requests).sum(),
-            baseline_errors: samples.baseline.iter().map(|c| c.errors).sum(),
-            evidence: judged.evidence.clone(),
+            baseline_requests: totals[2],
+            baseline_errors: totals[3],
+            evidence,
             decided_ms: None,
         };
-        let interval = ms(self.config.analysis_interval);
-        match judged.verdict {
-            Some(verdict) => {
-                gate_view.verdict = match verdict {
-                    crate::rollout::Verdict::Pass => "pass",
-                    crate::rollout::Verdict::Fail => "fail",
-                    crate::rollout::Verdict::Inconclusive => "inconclusive",
-                }
-                .into();
-                gate_view.decided_ms = Some(ms(now));
-                self.record_gate(id, gate_view);
-                if let Some(live) = self.live.get_mut(&id) {
-                    live.gate = None;
-                }
-                let detail =
-                    format!("gate {} verdict {verdict:?}: {}", request.gate.0, judged.evidence);
-                self.audit(now, "coordinator", "gate.verdict", Some(&service), Some(id), detail)?;
-                self.input(id, now, Input::Verdict { gate: request.gate.0, verdict })?;
-            }
-            None => {
-                self.record_gate(id, gate_view);
-                if let Some(g) = self.live.get_mut(&id).and_then(|l| l.gate.as_mut()) {
-                    g.next_look_ms =
-                        (ms(now) + interval).min(ms(request.decide_by)).max(ms(now) + 1);
-                }
-            }
+        let Some(verdict) = verdict else {
+            self.record_gate(id, gate_view);
+            return Ok(());
+        };
+        gate_view.verdict = match verdict {
+            crate::rollout::Verdict::Pass => "pass",
+            crate::rollout::Verdict::Fail => "fail",
+            crate::rollout::Verdict::Inconclusive => "inconclusive",
         }
-        Ok(())
+        .into();
+        gate_view.decided_ms = Some(ms(now));
+        let rate = |e: u64, r: u64| if r == 0 { 0.0 } else { 100.0 * e as f64 / r as f64 };
+        let detail = format!(
+            "gate {} {}: canary {} errors / {} requests ({:.2}%), baseline {} / {} ({:.2}%)",
+            request.gate.0,
+            gate_view.verdict,
+            totals[1],
+            totals[0],
+            rate(totals[1], totals[0]),
+            totals[3],
+            totals[2],
+            rate(totals[3], totals[2]),
+        );
+        self.record_gate(id, gate_view);
+        if let Some(live) = self.live.get_mut(&id) {
+            live.gate = None;
+        }
+        self.audit(now, "coordinator", "gate.verdict", Some(&service), Some(id), detail)?;
+        self.input(id, now, Input::Verdict { gate: request.gate.0, verdict })
     }
 
     fn record_gate(&mut self, id: u64, gate: view::GateView) {
@@ -666,9 +695,34 @@ impl Fleet {
                     let hosts: Vec<u64> =
                         request.canary.iter().chain(&request.baseline).map(|h| h.0).collect();
                     let look = ms(request.window_start) + ms(self.config.analysis_interval);
-                    let start = hosts.iter().map(|&h| (h, self.counters(h, &service))).collect();
-                    if let Some(live) = self.live.get_mut(&id) {
-                        live.gate = Some(OpenGate { request, start, next_look_ms: look });
+                    let last: HashMap<u64, HostCounters> =
+                        hosts.iter().map(|&h| (h, self.counters(h, &service))).collect();
+                    // Latency is judged only when the service reports it.
+                    let latency = last.values().any(|c| !c.latency_buckets.is_empty());
+                    let config = if latency {
+                        JudgeConfig::default()
+                    } else {
+                        JudgeConfig {
+                            metrics: vec![MetricConfig::error_rate()],
+                            ..JudgeConfig::default()
+                        }
+                    };
+                    match Judge::for_gate(config, &request) {
+                        Ok(judge) => {
+                            if let Some(live) = self.live.get_mut(&id) {
+                                live.gate = Some(OpenGate {
+                                    request,
+                                    judge,
+                                    last,
+                                    next_look_ms: look,
+                                    totals: [0; 4],
+                                });
+                            }
+                        }
+                        // No verdict: the engine holds the rollout at the gate's deadline.
+                        Err(e) => {
+                            tracing::error!(deployment = id, error = %e, "cannot judge the gate")
+                        }
                     }
                 }
                 Command::Notify(notice) => {

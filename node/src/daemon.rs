@@ -218,6 +218,24 @@ struct Inner {
     faults: Faults,
     /// Failures of stagings that are not running any more, by manifest.
     failures: std::sync::Mutex<HashMap<ManifestId, String>>,
+    /// Host: request counters the services pushed, by service.
+    service_metrics: std::sync::Mutex<HashMap<String, ServiceMetrics>>,
+}
+
+/// Body of `POST /v1/services/{service}/metrics`: a service's own counters, cumulative since
+/// its active release started (a decrease is a restart: the coordinator counts from zero). The
+/// host reports them with its heartbeats; canary analysis compares canary and baseline hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceMetrics {
+    /// Requests served.
+    pub requests: u64,
+    /// Of which errors (5xx).
+    pub errors: u64,
+    /// Cumulative request counts at the latency bucket bounds the coordinator's analysis uses
+    /// (at most 64).
+    #[serde(default)]
+    pub latency_buckets: Vec<u64>,
 }
 
 /// Runs a daemon until `shutdown` is cancelled, then stops gracefully: transfers make their
@@ -346,6 +364,7 @@ pub async fn run(
         origin_hosts: Arc::new(tokio::sync::Semaphore::new(config.swarm.origin_max_hosts)),
         faults,
         failures: Default::default(),
+        service_metrics: Default::default(),
         config,
     });
 
@@ -1021,7 +1040,8 @@ fn api_router(inner: Arc<Inner>) -> Result<Router, DaemonError> {
         router = router
             .route("/v1/admin/stage", post(stage_handler))
             .route("/v1/admin/activate", post(activate_handler))
-            .route("/v1/admin/rollback", post(rollback_handler));
+            .route("/v1/admin/rollback", post(rollback_handler))
+            .route("/v1/services/{service}/metrics", post(service_metrics_handler));
     }
     let mut router = router.with_state(Arc::clone(&inner));
     if let Some(store) = &inner.store {
@@ -1118,6 +1138,29 @@ async fn rollback_handler(
     Json(req): Json<RollbackRequest>,
 ) -> Result<Response, ApiError> {
     with_activator(&inner, move |a| async move { a.rollback(&req.service).await }).await
+}
+
+async fn service_metrics_handler(
+    State(inner): State<Arc<Inner>>,
+    axum::extract::Path(service): axum::extract::Path<String>,
+    Json(m): Json<ServiceMetrics>,
+) -> Result<Response, ApiError> {
+    if fleetwave_chunker::manifest::validate_name(&service).is_err() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_service", "not a service name"));
+    }
+    if m.errors > m.requests || m.latency_buckets.len() > 64 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_metrics",
+            "errors exceed requests, or more than 64 latency buckets",
+        ));
+    }
+    let mut all = inner.service_metrics.lock().unwrap_or_else(|p| p.into_inner());
+    if all.len() >= 256 && !all.contains_key(&service) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_service", "too many services"));
+    }
+    all.insert(service, m);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn parse_manifest_id(text: &str) -> Result<ManifestId, ApiError> {

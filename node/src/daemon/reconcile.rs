@@ -198,6 +198,7 @@ impl Reconciler {
             text.parse::<ManifestId>().map(|m| m.as_bytes().to_vec()).unwrap_or_default()
         };
         let mut services = Vec::new();
+        let pushed = self.inner.service_metrics.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(activator) = &self.inner.activator {
             for (service, state) in activator.states() {
                 let active = state.active.as_ref().map(|r| id_of(&r.id)).unwrap_or_default();
@@ -217,13 +218,17 @@ impl Reconciler {
                     None => (Vec::new(), pb::HealthState::Unspecified),
                 };
                 services.push(pb::ServiceReport {
-                    service,
+                    service: service.clone(),
                     active,
                     standby,
                     health: health as i32,
                     standby_health: standby_health as i32,
                     activation_failed: failed,
-                    counters: None,
+                    counters: pushed.get(&service).map(|m| pb::RequestCounters {
+                        requests: m.requests,
+                        errors: m.errors,
+                        latency_buckets: m.latency_buckets.clone(),
+                    }),
                 });
             }
         }
