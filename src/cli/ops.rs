@@ -222,7 +222,8 @@ pub(crate) struct AuditArgs {
     /// Only records since this long ago (`1h`, `30m`), or since this time (RFC 3339, UTC).
     #[arg(long, value_parser = parse_since, value_name = "DURATION|TIME")]
     pub(crate) since: Option<Since>,
-    /// At most this many records (the coordinator caps it at 10000).
+    /// At most this many records, the oldest first from --since (the coordinator caps it at
+    /// 10000).
     #[arg(long, default_value_t = 100)]
     pub(crate) limit: usize,
     #[command(flatten)]

@@ -344,8 +344,15 @@ pub(crate) fn outcome(view: &DeploymentView) -> Result<(), NotSucceeded> {
         id: view.id,
         what: format!("{} {} to {}", view.service, view.version, view.environment),
         state: view.state.replace('_', " "),
-        outcome: view.outcome.clone().unwrap_or_else(|| "no outcome recorded".into()),
+        outcome: reason(view).unwrap_or("no outcome recorded").to_owned(),
     })
+}
+
+/// Why a deployment ended, without the state its outcome may start with (`rolled back: ...`).
+fn reason(view: &DeploymentView) -> Option<&str> {
+    let outcome = view.outcome.as_deref()?;
+    let state = view.state.replace('_', " ");
+    Some(outcome.strip_prefix(state.as_str()).and_then(|r| r.strip_prefix(": ")).unwrap_or(outcome))
 }
 
 /// The view as far as a redraw is concerned: the countdown alone changes every poll.
@@ -356,7 +363,7 @@ fn without_countdown(view: &DeploymentView) -> DeploymentView {
 /// One line: where a deployment is now.
 fn where_it_is(v: &DeploymentView) -> String {
     if v.is_final() {
-        return match &v.outcome {
+        return match reason(v) {
             Some(o) => format!("{}: {o}", v.state.replace('_', " ")),
             None => v.state.replace('_', " "),
         };
@@ -406,14 +413,17 @@ pub(crate) fn render_deployment(v: &DeploymentView) -> String {
         if let Some(p) = v.step_percent {
             let _ = write!(now, " (step {p}%)");
         }
-        if let Some(stage) = &v.stage {
-            let _ = write!(now, ", {}", stage.replace('_', " "));
+        match (&v.held, &v.stage) {
+            (Some(held), _) => {
+                let _ = write!(now, ", held: {held}");
+            }
+            (None, Some(stage)) => {
+                let _ = write!(now, ", {}", stage.replace('_', " "));
+            }
+            (None, None) => {}
         }
         if let Some(s) = v.remaining_s {
             let _ = write!(now, ", {} left", humantime::format_duration(Duration::from_secs(s)));
-        }
-        if let Some(held) = &v.held {
-            let _ = write!(now, ", held: {held}");
         }
         let _ = writeln!(out, "now:       {now}");
     }
@@ -957,6 +967,17 @@ GATE  REGION  WAVE  CANARY ERRORS           BASELINE ERRORS             VERDICT
    1  eu         1  0.20% (2/1000, 1 host)  0.21% (40/19000, 19 hosts)  pass
 ";
         assert_eq!(text, expected, "\n{text}");
+        let held = DeploymentView {
+            stage: Some("held".into()),
+            held: Some("Approval".into()),
+            remaining_s: None,
+            ..deployment()
+        };
+        let text = render_deployment(&held);
+        assert!(
+            text.contains("now:       region eu, wave 2 (step 5%), held: Approval\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -965,12 +986,12 @@ GATE  REGION  WAVE  CANARY ERRORS           BASELINE ERRORS             VERDICT
         v.state = "rolled_back".into();
         v.phase = Some("rolled_back".into());
         v.finished_ms = Some(61_000);
-        v.outcome = Some("gate 2 failed in eu".into());
+        v.outcome = Some("rolled back: gate 2 failed in eu".into());
         let text = render_deployment(&v);
         assert!(text.contains("state:     rolled back\n"), "{text}");
         assert!(!text.contains("now:"), "{text}");
         assert!(!text.contains('*'), "{text}");
-        assert!(text.ends_with("\noutcome:   gate 2 failed in eu\n"), "{text}");
+        assert!(text.ends_with("\noutcome:   rolled back: gate 2 failed in eu\n"), "{text}");
         assert_eq!(where_it_is(&v), "rolled back: gate 2 failed in eu");
     }
 
