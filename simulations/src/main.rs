@@ -29,6 +29,7 @@ struct Args {
 }
 
 #[allow(clippy::print_stdout, reason = "a command-line tool prints its report")]
+#[allow(clippy::disallowed_methods, reason = "the wall time of the run is measured at the edge")]
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut scenario = Scenario::load(&args.scenario)

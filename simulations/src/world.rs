@@ -280,7 +280,7 @@ fn digest_of(hash: &fleetwave_chunker::ChunkHash) -> u128 {
 impl World {
     /// Builds the fleet of `sc` around `art`.
     pub fn new(sc: Scenario, art: Artifact) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(sc.seed ^ 0x5eed_f1ee_7);
+        let mut rng = ChaCha8Rng::seed_from_u64(sc.seed ^ 0x0005_eedf_1ee7);
         let mut net = Net::new(nanos(sc.network.slot));
         let mut nodes = Vec::new();
         let blank = |role, region, up, down| Node {
@@ -818,11 +818,9 @@ impl World {
 
     /// Carries out every command `node`'s scheduler has, then re-arms its timer.
     fn drain(&mut self, node: u32) {
-        loop {
-            let Some(cmd) = self.nodes[node as usize].sched.as_mut().and_then(|s| s.poll_command())
-            else {
-                break;
-            };
+        while let Some(cmd) =
+            self.nodes[node as usize].sched.as_mut().and_then(|s| s.poll_command())
+        {
             self.execute(node, cmd);
         }
         let next = self.nodes[node as usize]
