@@ -399,7 +399,7 @@ fn play_service(
                     continue;
                 }
                 c.0 += 100;
-                let bad = if version == "1.1.0" { 10 } else { u64::from(tick % 2 == 0) };
+                let bad = if version == "1.1.0" { 10 } else { u64::from(tick.is_multiple_of(2)) };
                 c.1 += bad;
                 let _ = http
                     .post(format!("http://{api}/v1/services/web/metrics"))
