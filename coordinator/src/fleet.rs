@@ -34,6 +34,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use libp2p_identity::PublicKey;
+
 use crate::analysis::{Judge, JudgeConfig, MetricConfig, Sample, Window};
 use crate::analysis_gate::HostCounters;
 use crate::deploy::{Candidate, DeploymentSpec, OnConflict, SpecError, StrategyKind};
@@ -139,6 +141,10 @@ pub struct DesiredService {
 #[derive(Debug)]
 struct HostMem {
     record: HostRecord,
+    /// `record.public_key`, decoded once: every heartbeat is verified with it, and decoding an
+    /// ed25519 key is a point decompression (a field exponentiation), a large share of the cost
+    /// of a verification.
+    key: Option<PublicKey>,
     actual: HostActual,
     /// A report was received since the coordinator started and the host was not lost since:
     /// the next report can be diffed with `actual`.
@@ -288,7 +294,8 @@ impl Fleet {
             // The coordinator was away: nobody is lost for it until `lost_after` from now.
             actual.seen_ms = ms(now);
             fleet.by_peer.insert(record.peer_id.clone(), record.number);
-            fleet.hosts.insert(record.number, HostMem { record, actual, fresh: false });
+            let key = PublicKey::try_decode_protobuf(&record.public_key).ok();
+            fleet.hosts.insert(record.number, HostMem { record, key, actual, fresh: false });
         }
         for record in fleet.store.deployments()? {
             fleet.records.insert(record.id, record);
@@ -414,14 +421,16 @@ impl Fleet {
             .map(|h| h.actual)
             .unwrap_or_else(|| HostActual { seen_ms: ms(now), ..HostActual::default() });
         self.by_peer.insert(peer_id, number);
-        self.hosts.insert(number, HostMem { record: record.clone(), actual, fresh: false });
+        let key = PublicKey::try_decode_protobuf(&record.public_key).ok();
+        self.hosts.insert(number, HostMem { record: record.clone(), key, actual, fresh: false });
         Ok(record)
     }
 
-    /// The enrolled host with this PeerId: its number and public key.
-    pub fn host_by_peer(&self, peer_id: &str) -> Option<(u64, Vec<u8>)> {
+    /// The enrolled host with this PeerId: its number and public key (`None`: the stored key
+    /// does not decode).
+    pub fn host_by_peer(&self, peer_id: &str) -> Option<(u64, Option<PublicKey>)> {
         let n = *self.by_peer.get(peer_id)?;
-        self.hosts.get(&n).map(|h| (n, h.record.public_key.clone()))
+        self.hosts.get(&n).map(|h| (n, h.key.clone()))
     }
 
     /// Takes a host's report and answers its desired state.

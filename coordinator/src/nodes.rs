@@ -217,8 +217,7 @@ impl pb::node_control_server::NodeControl for NodeService {
             metrics.refused("heartbeat_unknown");
             return Err(Status::unauthenticated(format!("{peer} is not enrolled")));
         };
-        let key =
-            PublicKey::try_decode_protobuf(&key).map_err(|_| Status::internal("stored key"))?;
+        let key = key.ok_or_else(|| Status::internal("stored key"))?;
         if !key.verify(&signing::heartbeat_message(&r.report), &r.signature) {
             metrics.refused("heartbeat_signature");
             tracing::warn!(host = %peer, "heartbeat signature does not verify");
