@@ -1191,7 +1191,7 @@ impl Fleet {
             WaveStage::AwaitingVerdict { deadline, .. } => {
                 ("awaiting_verdict", Some(deadline), None)
             }
-            WaveStage::Held { reason } => ("held", None, Some(format!("{reason:?}"))),
+            WaveStage::Held { reason } => ("held", None, Some(hold_name(&reason))),
             WaveStage::Passed => ("passed", None, None),
         };
         v.stage = Some(stage.into());
@@ -1342,6 +1342,15 @@ fn apply(engine: &mut Rollout, now: Duration, input: &Input) {
     }
 }
 
+fn hold_name(reason: &crate::rollout::HoldReason) -> String {
+    use crate::rollout::HoldReason::*;
+    match reason {
+        Inconclusive { gate } => format!("inconclusive: gate {} could not decide", gate.0),
+        GateTimeout { gate } => format!("gate_timeout: gate {} gave no verdict in time", gate.0),
+        Approval => "approval: waiting for an approver to promote".into(),
+    }
+}
+
 fn region_name(regions: &[String], r: crate::rollout::RegionIndex) -> String {
     regions.get(usize::from(r.0)).cloned().unwrap_or_else(|| format!("#{}", r.0))
 }
@@ -1392,7 +1401,7 @@ fn describe_notice(notice: &Notice, regions: &[String]) -> (&'static str, String
             "rollout.host_failed",
             format!("host #{} in region {}: {reason:?}", host.0, name(region)),
         ),
-        Notice::Held { reason } => ("rollout.held", format!("{reason:?}")),
+        Notice::Held { reason } => ("rollout.held", hold_name(reason)),
         Notice::Paused => ("rollout.paused", String::new()),
         Notice::Resumed => ("rollout.resumed", String::new()),
         Notice::RollingBack { reason } => {
