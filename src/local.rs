@@ -26,11 +26,18 @@ pub struct FleetSpec {
     pub heartbeat: Duration,
     /// A host silent this long is lost.
     pub lost_after: Duration,
+    /// A webhook URL the coordinator posts its decisions to.
+    pub webhook: Option<String>,
 }
 
 impl Default for FleetSpec {
     fn default() -> Self {
-        Self { hosts: 8, heartbeat: Duration::from_millis(300), lost_after: Duration::from_secs(5) }
+        Self {
+            hosts: 8,
+            heartbeat: Duration::from_millis(300),
+            lost_after: Duration::from_secs(5),
+            webhook: None,
+        }
     }
 }
 
@@ -255,12 +262,17 @@ impl LocalFleet {
                 "data_dir = {}\nlisten_grpc = \"127.0.0.1:0\"\nlisten_api = \"127.0.0.1:0\"\n\
                  trust = [{}]\nheartbeat_interval = \"{}ms\"\nlost_after = \"{}ms\"\ntick = \"50ms\"\n\
                  analysis_interval = \"1s\"\njoin_token_sha256 = [\"{join_hash}\"]\n\
+                 webhooks = [{}]\n\
                  [[tokens]]\nname = \"admin\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
                  [[tokens]]\nname = \"viewer\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
                 toml_str(&kdir),
                 toml_str(&public),
                 spec.heartbeat.as_millis(),
                 spec.lost_after.as_millis(),
+                spec.webhook
+                    .as_ref()
+                    .map(|w| toml::Value::String(w.clone()).to_string())
+                    .unwrap_or_default(),
                 fleetwave_coordinator::auth::hash_token(&admin_token),
                 fleetwave_coordinator::auth::hash_token(&viewer_token),
             ),

@@ -411,10 +411,46 @@ fn play_service(
     })
 }
 
+/// A webhook receiver on 127.0.0.1: collects the JSON bodies posted to it.
+fn webhook() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(10_000) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len.min(1 << 20)];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    sink.lock().expect("lock").push(v);
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
 #[test]
 fn the_judge_rolls_back_a_canary_that_answers_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let fleet = fleet(&tmp.path().join("fleet"));
+    let (hook, posted) = webhook();
+    let spec = FleetSpec { webhook: Some(hook), ..FleetSpec::default() };
+    let fleet =
+        LocalFleet::start(Path::new(EXE), &tmp.path().join("fleet"), &spec).expect("fleet starts");
     let events = tmp.path().join("events.log");
     let src = tmp.path().join("web");
     let stop = Arc::new(AtomicBool::new(false));
@@ -456,5 +492,14 @@ fn the_judge_rolls_back_a_canary_that_answers_errors() {
             versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())
         })
         .expect("all back on 1.0.0");
+    // Every automatic decision was posted to the webhook, the verdict among them.
+    fleet
+        .wait("the webhook to hear the rollback", Duration::from_secs(10), |_| {
+            let got = posted.lock().expect("lock");
+            let actions: Vec<&str> = got.iter().filter_map(|v| v["action"].as_str()).collect();
+            (actions.contains(&"gate.verdict") && actions.contains(&"rollout.rolled_back"))
+                .then_some(())
+        })
+        .expect("webhook notified");
     fleet.stop().expect("fleet stops");
 }

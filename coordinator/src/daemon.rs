@@ -72,6 +72,9 @@ pub struct Config {
     pub join_token_sha256: Vec<String>,
     /// API tokens.
     pub tokens: Vec<TokenConfig>,
+    /// URLs that receive every automatic decision (wave started or passed, gate verdict,
+    /// host failed, hold, rollback, done) as a JSON POST of its audit record.
+    pub webhooks: Vec<String>,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             analysis_interval: Duration::from_secs(10),
             join_token_sha256: Vec::new(),
             tokens: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -135,6 +139,9 @@ impl Config {
         }
         if self.trust.is_empty() {
             return bad("trust", "at least one trusted release key is needed");
+        }
+        if self.webhooks.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
+            return bad("webhooks", "must be http:// or https:// URLs");
         }
         for h in self.join_token_sha256.iter().chain(self.tokens.iter().map(|t| &t.sha256)) {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -253,6 +260,24 @@ pub struct Ready {
     pub api: SocketAddr,
 }
 
+/// Posts every decision to every webhook (JSON, 5 s timeout; failures are logged, not retried).
+async fn send_webhooks(
+    urls: Vec<String>,
+    mut decisions: tokio::sync::mpsc::Receiver<crate::store::AuditEntry>,
+) {
+    let http =
+        reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap_or_default();
+    while let Some(entry) = decisions.recv().await {
+        for url in &urls {
+            match http.post(url).json(&entry).send().await {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => tracing::warn!(%url, status = %r.status(), "webhook refused a decision"),
+                Err(e) => tracing::warn!(%url, error = %e, "webhook unreachable"),
+            }
+        }
+    }
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
     let io = |source| DaemonError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
@@ -275,6 +300,7 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         lost_after: config.lost_after,
         heartbeat_interval: config.heartbeat_interval,
         analysis_interval: config.analysis_interval,
+        keep_decisions: !config.webhooks.is_empty(),
         ..FleetConfig::default()
     };
     let fleet = Fleet::open(store.clone(), fleet_config, now())?;
@@ -332,6 +358,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
             axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned()).await
         })
     };
+    let (decisions_tx, decisions_rx) = tokio::sync::mpsc::channel(1024);
+    let webhook_task = tokio::spawn(send_webhooks(config.webhooks.clone(), decisions_rx));
     let tick_task = {
         let stop = stop.clone();
         let shared = shared.clone();
@@ -352,6 +380,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
                     tracing::error!(error = %e, "tick failed");
                 }
                 shared.store.commit().await;
+                // Durable now: tell the webhooks.
+                let decided =
+                    shared.fleet.lock().map(|mut f| f.take_decisions()).unwrap_or_default();
+                for entry in decided {
+                    if decisions_tx.try_send(entry).is_err() {
+                        tracing::warn!("webhook queue full: a decision was not sent");
+                    }
+                }
             }
         })
     };
@@ -370,6 +406,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
     if let Ok(Err(e)) = api_task.await {
         tracing::warn!(error = %e, "API server");
     }
+    webhook_task.abort();
     if let Err(e) = shared.store.flush() {
         tracing::error!(error = %e, "final flush");
     }

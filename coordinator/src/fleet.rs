@@ -60,6 +60,8 @@ pub struct FleetConfig {
     pub heartbeat_interval: Duration,
     /// How often an open analysis gate is looked at (early failure).
     pub analysis_interval: Duration,
+    /// Keep every automatic decision for [`Fleet::take_decisions`] (webhooks).
+    pub keep_decisions: bool,
 }
 
 impl Default for FleetConfig {
@@ -69,6 +71,7 @@ impl Default for FleetConfig {
             snapshot_every: 1000,
             heartbeat_interval: Duration::from_secs(5),
             analysis_interval: Duration::from_secs(10),
+            keep_decisions: false,
         }
     }
 }
@@ -187,6 +190,8 @@ pub struct Fleet {
     /// Gate results, per deployment.
     gates: BTreeMap<u64, Vec<view::GateView>>,
     audit_seq: u64,
+    /// Automatic decisions not yet taken by [`Fleet::take_decisions`].
+    decisions: Vec<AuditEntry>,
 }
 
 fn ms(now: Duration) -> u64 {
@@ -287,6 +292,7 @@ impl Fleet {
             current: BTreeMap::new(),
             gates: BTreeMap::new(),
             audit_seq: 0,
+            decisions: Vec::new(),
             store,
         };
         for record in fleet.store.hosts()? {
@@ -298,6 +304,9 @@ impl Fleet {
             fleet.hosts.insert(record.number, HostMem { record, key, actual, fresh: false });
         }
         for record in fleet.store.deployments()? {
+            if !record.gates.is_empty() {
+                fleet.gates.insert(record.id, record.gates.clone());
+            }
             fleet.records.insert(record.id, record);
         }
         // The engine of each service and environment's latest started deployment.
@@ -361,18 +370,33 @@ impl Fleet {
         // engine decided in the same millisecond, and never collide with the engine's (keyed
         // by deployment and log position, from 2^62).
         let seq = self.audit_seq & ((1 << 62) - 1);
-        self.store.audit(
-            seq,
-            &AuditEntry {
-                at_ms: ms(now),
-                actor: actor.to_owned(),
-                action: action.to_owned(),
-                service: service.map(str::to_owned),
-                deployment,
-                detail: detail.into(),
-            },
-        )?;
+        let entry = AuditEntry {
+            at_ms: ms(now),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            service: service.map(str::to_owned),
+            deployment,
+            detail: detail.into(),
+        };
+        self.store.audit(seq, &entry)?;
+        self.decided(entry);
         Ok(())
+    }
+
+    fn decided(&mut self, entry: AuditEntry) {
+        if self.config.keep_decisions && entry.actor == "coordinator" {
+            // Bounded: a stuck webhook never grows the coordinator without limit.
+            if self.decisions.len() < 10_000 {
+                self.decisions.push(entry);
+            }
+        }
+    }
+
+    /// The automatic decisions (waves, gate verdicts, failures, rollbacks, ..) made since the
+    /// last call, oldest first, once they are durable: call after [`Store::commit`]. A
+    /// deployment resumed after a restart repeats the decisions of its replay (at least once).
+    pub fn take_decisions(&mut self) -> Vec<AuditEntry> {
+        std::mem::take(&mut self.decisions)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -635,6 +659,11 @@ impl Fleet {
         }
         .into();
         gate_view.decided_ms = Some(ms(now));
+        // The verdict and its evidence are kept with the deployment.
+        if let Some(record) = self.records.get_mut(&id) {
+            record.gates.push(gate_view.clone());
+            self.store.put_deployment(record)?;
+        }
         let rate = |e: u64, r: u64| if r == 0 { 0.0 } else { 100.0 * e as f64 / r as f64 };
         let detail = format!(
             "gate {} {}: canary {} errors / {} requests ({:.2}%), baseline {} / {} ({:.2}%)",
@@ -743,17 +772,16 @@ impl Fleet {
                         | ((id & 0x3f_ffff) << 40)
                         | ((seq & 0xffff_ffff) << 8)
                         | (k & 0xff);
-                    self.store.audit(
-                        audit_seq,
-                        &AuditEntry {
-                            at_ms: ms(now),
-                            actor: "coordinator".into(),
-                            action: action.into(),
-                            service: Some(service.clone()),
-                            deployment: Some(id),
-                            detail,
-                        },
-                    )?;
+                    let entry = AuditEntry {
+                        at_ms: ms(now),
+                        actor: "coordinator".into(),
+                        action: action.into(),
+                        service: Some(service.clone()),
+                        deployment: Some(id),
+                        detail,
+                    };
+                    self.store.audit(audit_seq, &entry)?;
+                    self.decided(entry);
                     if matches!(notice, Notice::RollingBack { .. } | Notice::Aborted) {
                         if let Some(live) = self.live.get_mut(&id) {
                             live.gate = None;
@@ -1043,6 +1071,7 @@ impl Fleet {
             state: DeploymentState::Queued,
             outcome: None,
             snapshot: None,
+            gates: Vec::new(),
             spec,
         };
         self.store.put_deployment(&record)?;

@@ -200,6 +200,9 @@ pub struct DeploymentRecord {
     pub outcome: Option<String>,
     /// The engine's snapshot, with the log sequence it includes (entries up to it).
     pub snapshot: Option<(u64, Snapshot)>,
+    /// Gates judged, with the judge's evidence, oldest first.
+    #[serde(default)]
+    pub gates: Vec<crate::view::GateView>,
 }
 
 /// One input of a deployment's engine, logged before it is applied.
