@@ -185,8 +185,15 @@ fn rolling_keeps_the_budget_and_a_failing_canary_rolls_back() {
             Some(Path::new(&dir).file_name()?.to_string_lossy().into_owned())
         })
         .expect("a hook runs");
-    // `after_install` runs right after `before_install`: give it a moment to be recorded.
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait until the host's activation state records `after_install` as running.
+    let state = tmp.path().join("fleet").join(&host).join("activation/web.json");
+    fleet
+        .wait("after_install to be running", Duration::from_secs(30), |_| {
+            let text = std::fs::read_to_string(&state).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (v["pending"]["running"] == "after_install").then_some(())
+        })
+        .expect("the hook runs");
     let mut fleet = fleet;
     let i = fleet.hosts.iter().position(|h| h.name == host).expect("the host");
     fleet.hosts[i].restart(Path::new(EXE)).expect("host killed and restarted");

@@ -505,15 +505,13 @@ impl Activator {
         fs::canonicalize(self.current_dir().join(service)).ok()
     }
 
-    /// Activates staged manifest `id` of `service`, with `spec` (or, when `None`, the
-    /// release's own `fleetwave.toml`). `Ok` says how it ended: a failed hook is an outcome,
-    /// not an error (the previous release is back). Errors are refusals before anything ran.
-    pub async fn activate(
+    /// The stage entry and release directory of `id`, which must be a staged release of
+    /// `service`.
+    fn staged_release(
         &self,
         service: &str,
         id: ManifestId,
-        spec: Option<ActivationSpec>,
-    ) -> Result<Outcome, ActivateError> {
+    ) -> Result<(crate::stage::StageEntry, PathBuf), ActivateError> {
         let entry = self.area.status_of(&id)?.ok_or(ActivateError::NotStaged { id })?;
         if entry.service != service {
             return Err(ActivateError::WrongService {
@@ -525,6 +523,19 @@ impl Activator {
         let (StageStatus::Staged, Some(dir)) = (&entry.status, entry.release.clone()) else {
             return Err(ActivateError::NotStaged { id });
         };
+        Ok((entry, dir))
+    }
+
+    /// Activates staged manifest `id` of `service`, with `spec` (or, when `None`, the
+    /// release's own `fleetwave.toml`). `Ok` says how it ended: a failed hook is an outcome,
+    /// not an error (the previous release is back). Errors are refusals before anything ran.
+    pub async fn activate(
+        &self,
+        service: &str,
+        id: ManifestId,
+        spec: Option<ActivationSpec>,
+    ) -> Result<Outcome, ActivateError> {
+        let (entry, dir) = self.staged_release(service, id)?;
         let _guard = self.claim(service)?;
         let spec = match spec {
             Some(spec) => spec,
@@ -678,17 +689,7 @@ impl Activator {
         service: &str,
         id: ManifestId,
     ) -> Result<Outcome, ActivateError> {
-        let entry = self.area.status_of(&id)?.ok_or(ActivateError::NotStaged { id })?;
-        if entry.service != service {
-            return Err(ActivateError::WrongService {
-                id,
-                service: service.to_owned(),
-                actual: entry.service,
-            });
-        }
-        let (StageStatus::Staged, Some(dir)) = (&entry.status, entry.release.clone()) else {
-            return Err(ActivateError::NotStaged { id });
-        };
+        let (entry, dir) = self.staged_release(service, id)?;
         let _guard = self.claim(service)?;
         let mut state = self.load(service)?;
         if state.standby.as_ref().is_some_and(|(r, _)| r.id == id.to_hex())

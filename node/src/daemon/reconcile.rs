@@ -308,24 +308,15 @@ impl Reconciler {
 
     /// Takes the service off this host, in a task of its own.
     fn spawn_deactivation(&self, activator: crate::activate::Activator, service: String) {
-        {
-            let mut busy = self.activating.lock().unwrap_or_else(|p| p.into_inner());
-            if !busy.insert(service.clone()) {
-                return;
-            }
-        }
-        let busy = self.activating.clone();
-        let wake = self.wake.clone();
-        tokio::spawn(async move {
+        let name = service.clone();
+        self.spawn_exclusive(name, async move {
             if let Err(err) = activator.deactivate(&service).await {
                 warn!(%service, %err, "cannot take the service off this host");
             }
-            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&service);
-            wake.notify_one();
         });
     }
 
-    /// Activates `target` (or starts it as the standby) in a task of its own, one per service.
+    /// Activates `target` (or starts it as the standby) in a task of its own.
     fn spawn_activation(
         &self,
         activator: crate::activate::Activator,
@@ -333,15 +324,8 @@ impl Reconciler {
         target: ManifestId,
         standby: bool,
     ) {
-        {
-            let mut busy = self.activating.lock().unwrap_or_else(|p| p.into_inner());
-            if !busy.insert(service.clone()) {
-                return;
-            }
-        }
-        let busy = self.activating.clone();
-        let wake = self.wake.clone();
-        tokio::spawn(async move {
+        let name = service.clone();
+        self.spawn_exclusive(name, async move {
             info!(%service, manifest = %target, standby, "activating (desired by the coordinator)");
             let result = if standby {
                 activator.start_standby(&service, target).await
@@ -358,6 +342,26 @@ impl Reconciler {
                 ),
                 Err(err) => warn!(%service, manifest = %target, %err, "cannot activate"),
             }
+        });
+    }
+
+    /// Runs `work` on `service` in a task of its own, unless work on it is running already;
+    /// heartbeats at once when it ends.
+    fn spawn_exclusive(
+        &self,
+        service: String,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        {
+            let mut busy = self.activating.lock().unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(service.clone()) {
+                return;
+            }
+        }
+        let busy = self.activating.clone();
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            work.await;
             busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&service);
             wake.notify_one();
         });
