@@ -119,6 +119,26 @@
 //!   side, or if any metric's safety test has not ruled out a critical regression;
 //!   [`Verdict::Pass`] otherwise. Too little traffic is never a pass: "no evidence of harm"
 //!   is not "evidence of no harm", and the safety test demands the latter.
+//! - Unless looks remain: a gate may look for a pass up to `looks` times
+//!   ([`GateRequest::looks`], one plus the plan's bake extensions), at `decide_by` and then
+//!   every bake later. A look that finds too little data or a critical regression not yet
+//!   ruled out gives no verdict and bakes again; the harm tests keep watching meanwhile. Each
+//!   look's safety test runs at `pass_alpha / looks` and each look's rank test at its share of
+//!   `alpha` divided by `looks` (Bonferroni over the looks), so the guarantees below hold over
+//!   all of them. A thin step (1% of a quiet service) is thus judged on up to three bakes of
+//!   traffic before a human is called.
+//!
+//! # Guard gates
+//!
+//! The promise is that a bad release reaches at most `guard_exposure` (default 5%) of a
+//! deployment's hosts without a human. A gate's pass exposes the release to the next wave, so
+//! a gate whose next wave would take the release beyond that share
+//! ([`GateRequest::exposed_after_pass`] over [`GateRequest::hosts`]) is a guard gate: there each
+//! metric's critical increase is its `guard_critical_increase` (error rates: +50% instead of
+//! +100%). The earlier gates keep the wider margin, which their thin traffic can rule out in
+//! a bake; the last gate before the release widens must rule out the narrower one, with the
+//! guard step's larger traffic and, if need be, more bakes. A regression at or beyond the
+//! guard's critical increase thus passes a guard gate with probability at most `pass_alpha`.
 //!
 //! Missing and invalid reports are measurement errors, never failures: an interval in which
 //! fewer than `min_reporting` of either side's hosts reported valid data is left out of every
@@ -217,6 +237,11 @@ pub struct MetricConfig {
     /// How much worse must never pass, relative; above `allowed_increase`. The canary passes
     /// only once a regression this large is ruled out.
     pub critical_increase: f64,
+    /// The critical increase at a guard gate (one whose pass would widen the release beyond
+    /// [`JudgeConfig::guard_exposure`]), between `allowed_increase` and `critical_increase`;
+    /// `None`: the same as `critical_increase`. See the module docs, "Guard gates".
+    #[serde(default)]
+    pub guard_critical_increase: Option<f64>,
     /// Least traffic each side must have served before a pass: requests (error rates) or
     /// latency observations.
     pub min_samples: u64,
@@ -224,7 +249,8 @@ pub struct MetricConfig {
 
 impl MetricConfig {
     /// The error rate, higher is worse: allowed +25% (so 0.5% to 0.625% is healthy), critical
-    /// +100% (0.5% to 1% must never pass), at least 2,000 requests each side.
+    /// +100% (0.5% to 1% must never pass), +50% at a guard gate (0.5% to 0.75% must not widen
+    /// beyond the guard exposure), at least 2,000 requests each side.
     pub fn error_rate() -> Self {
         Self {
             name: "error-rate".to_owned(),
@@ -232,6 +258,7 @@ impl MetricConfig {
             direction: Direction::Increase,
             allowed_increase: 0.25,
             critical_increase: 1.0,
+            guard_critical_increase: Some(0.5),
             min_samples: 2000,
         }
     }
@@ -245,6 +272,7 @@ impl MetricConfig {
             direction: Direction::Increase,
             allowed_increase: 0.1,
             critical_increase: 0.25,
+            guard_critical_increase: None,
             min_samples: 2000,
         }
     }
@@ -271,6 +299,16 @@ pub struct JudgeConfig {
     /// Most fraction of intervals with measurement errors before the verdict is inconclusive.
     /// Default 0.25.
     pub max_unusable: f64,
+    /// Share of the deployment's hosts beyond which a release may not widen on a plain pass: a
+    /// gate whose pass would put the release on more hosts than this is a guard gate, judged
+    /// against each metric's `guard_critical_increase`. Default 5%, the most of a fleet a bad
+    /// release may reach without a human.
+    #[serde(default = "default_guard_exposure")]
+    pub guard_exposure: f64,
+}
+
+fn default_guard_exposure() -> f64 {
+    0.05
 }
 
 impl Default for JudgeConfig {
@@ -282,6 +320,7 @@ impl Default for JudgeConfig {
             pass_alpha: 0.05,
             min_reporting: 0.5,
             max_unusable: 0.25,
+            guard_exposure: default_guard_exposure(),
         }
     }
 }
@@ -297,6 +336,7 @@ impl JudgeConfig {
             ("pass_alpha", self.pass_alpha),
             ("min_reporting", self.min_reporting),
             ("max_unusable", self.max_unusable),
+            ("guard_exposure", self.guard_exposure),
         ];
         for (field, value) in probabilities {
             let open = field.ends_with("alpha");
@@ -320,6 +360,16 @@ impl JudgeConfig {
                     allowed: m.allowed_increase,
                     critical: m.critical_increase,
                 });
+            }
+            if let Some(guard) = m.guard_critical_increase {
+                if !(guard > m.allowed_increase && guard <= m.critical_increase) {
+                    return Err(ConfigError::GuardIncrease {
+                        metric: m.name.clone(),
+                        guard,
+                        allowed: m.allowed_increase,
+                        critical: m.critical_increase,
+                    });
+                }
             }
             if let MetricKind::Latency { quantile } = m.kind {
                 if !(quantile > 0.0 && quantile < 1.0) {
@@ -376,6 +426,20 @@ pub enum ConfigError {
     Increases {
         /// The metric.
         metric: String,
+        /// Its allowed increase.
+        allowed: f64,
+        /// Its critical increase.
+        critical: f64,
+    },
+    /// A guard critical increase not above the allowed one, or above the critical one.
+    #[error(
+        "metric {metric:?}: guard critical increase {guard} must be above the allowed {allowed} and at most the critical {critical}"
+    )]
+    GuardIncrease {
+        /// The metric.
+        metric: String,
+        /// Its guard critical increase.
+        guard: f64,
         /// Its allowed increase.
         allowed: f64,
         /// Its critical increase.
@@ -569,7 +633,8 @@ pub struct SequentialReport {
     /// Its one-sided p-value of "the regression is critical" (fixed horizon: it decides once,
     /// at the end of the bake).
     pub safety_p_value: f64,
-    /// The p-value below which a critical regression is ruled out (`pass_alpha`).
+    /// The p-value below which a critical regression is ruled out (`pass_alpha`, split over
+    /// the looks).
     pub safety_threshold: f64,
 }
 
@@ -627,8 +692,15 @@ pub struct Report {
     pub window_start: Duration,
     /// End of the last window used.
     pub last_window: Option<Duration>,
-    /// When a pass or inconclusive verdict is given.
+    /// When a pass or inconclusive verdict is given (the next look for one).
     pub decide_by: Duration,
+    /// Looks for a pass allowed, in all.
+    pub looks: u16,
+    /// Looks taken that could not decide (each baked again).
+    pub looked: u16,
+    /// A guard gate: a pass would widen the release beyond the guard exposure, so each
+    /// metric's critical increase is its guard one.
+    pub guard: bool,
     /// Intervals seen.
     pub intervals: Intervals,
     /// Per metric.
@@ -651,10 +723,25 @@ struct State {
     gate: Option<GateId>,
     window_start: Duration,
     decide_by: Duration,
+    /// Looks for a pass allowed in all (`decide_by`, then every `look_every`).
+    #[serde(default = "one_look")]
+    looks: u16,
+    /// Looks for a pass already taken and found undecided.
+    #[serde(default)]
+    looked: u16,
+    #[serde(default)]
+    look_every: Duration,
+    /// A guard gate: its critical increases are the guard ones.
+    #[serde(default)]
+    guard: bool,
     last_window: Option<Duration>,
     intervals: Intervals,
     metrics: Vec<MetricState>,
     decided: Option<(Duration, Outcome)>,
+}
+
+fn one_look() -> u16 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -728,6 +815,10 @@ impl Judge {
                 gate: None,
                 window_start,
                 decide_by,
+                looks: 1,
+                looked: 0,
+                look_every: decide_by - window_start,
+                guard: false,
                 last_window: None,
                 intervals: Intervals::default(),
                 metrics,
@@ -737,10 +828,23 @@ impl Judge {
         })
     }
 
-    /// A judge for the rollout engine's gate request.
-    pub fn for_gate(config: JudgeConfig, request: &GateRequest) -> Result<Self, ConfigError> {
+    /// A judge for the rollout engine's gate request: up to `request.looks` looks for a pass,
+    /// and a guard gate if a pass would expose the release to more than
+    /// [`JudgeConfig::guard_exposure`] of the deployment's hosts.
+    pub fn for_gate(mut config: JudgeConfig, request: &GateRequest) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let exposed = f64::from(request.exposed_after_pass);
+        let guard =
+            request.hosts == 0 || exposed > config.guard_exposure * f64::from(request.hosts);
+        if guard {
+            for m in &mut config.metrics {
+                m.critical_increase = m.guard_critical_increase.unwrap_or(m.critical_increase);
+            }
+        }
         let mut judge = Self::new(config, request.window_start, request.decide_by)?;
         judge.s.gate = Some(request.gate);
+        judge.s.looks = request.looks.max(1);
+        judge.s.guard = guard;
         Ok(judge)
     }
 
@@ -755,6 +859,9 @@ impl Judge {
         let s = snapshot.state;
         s.config.validate()?;
         let corrupt = |what| Err(RestoreError::Corrupt { what });
+        if s.looks == 0 || s.looked >= s.looks {
+            return corrupt("looks");
+        }
         if s.metrics.len() != s.config.metrics.len() {
             return corrupt("metric count");
         }
@@ -793,8 +900,8 @@ impl Judge {
         &self.s.config
     }
 
-    /// When [`poll_verdict`](Self::poll_verdict) gives a pass or inconclusive verdict at the
-    /// latest (`decide_by`); `None` once decided.
+    /// When [`poll_verdict`](Self::poll_verdict) next looks for a pass (`decide_by`, later
+    /// after each look that could not decide); `None` once decided.
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.s.decided.is_none().then_some(self.s.decide_by)
     }
@@ -849,11 +956,34 @@ impl Judge {
             return outcome.verdict();
         }
         let outcome = self.outcome(now);
+        let undecided = matches!(
+            outcome,
+            Outcome::Inconclusive {
+                reason: InconclusiveReason::NotShownSafe { .. }
+                    | InconclusiveReason::NotEnoughData { .. }
+            }
+        );
+        if undecided && self.s.looked + 1 < self.s.looks && !self.s.look_every.is_zero() {
+            // Bake again: more traffic may show the canary safe, or harmful.
+            self.s.looked += 1;
+            self.s.decide_by += self.s.look_every;
+            return None;
+        }
         let verdict = outcome.verdict();
         if verdict.is_some() {
             self.s.decided = Some((now, outcome));
         }
         verdict
+    }
+
+    /// The level of each look of a safety test: `pass_alpha` split over the looks.
+    fn safety_alpha(&self) -> f64 {
+        self.s.config.pass_alpha / f64::from(self.s.looks)
+    }
+
+    /// The level of each look of a rank test: its share of `alpha` split over the looks.
+    fn rank_alpha(&self) -> f64 {
+        self.s.config.alpha_each() / f64::from(self.s.looks)
     }
 
     /// The evidence, as of the last window (and the verdict, if given).
@@ -877,6 +1007,9 @@ impl Judge {
             window_start: self.s.window_start,
             last_window: self.s.last_window,
             decide_by: self.s.decide_by,
+            looks: self.s.looks,
+            looked: self.s.looked,
+            guard: self.s.guard,
             intervals: self.s.intervals,
             metrics,
         }
@@ -894,10 +1027,10 @@ impl Judge {
         if now < self.s.decide_by {
             return Outcome::Pending;
         }
-        // The final look: the rank tests, once.
-        let alpha_each = config.alpha_each();
+        // A look for a pass: the rank tests, once per look.
+        let rank_alpha = self.rank_alpha();
         for (m, c) in self.s.metrics.iter().zip(&config.metrics) {
-            if let Some(direction) = m.rank_regression(c, &self.layout, alpha_each) {
+            if let Some(direction) = m.rank_regression(c, &self.layout, rank_alpha) {
                 return Outcome::Fail {
                     metric: c.name.clone(),
                     test: TestKind::Rank { direction },
@@ -922,8 +1055,9 @@ impl Judge {
                 return Outcome::Inconclusive { reason };
             }
         }
+        let safety_alpha = self.safety_alpha();
         for (m, c) in self.s.metrics.iter().zip(&config.metrics) {
-            if !m.shown_safe(config.pass_alpha) {
+            if !m.shown_safe(safety_alpha) {
                 let reason = InconclusiveReason::NotShownSafe { metric: c.name.clone() };
                 return Outcome::Inconclusive { reason };
             }
@@ -934,15 +1068,17 @@ impl Judge {
     fn metric_report(&self, m: &MetricState, c: &MetricConfig, final_look: bool) -> MetricReport {
         let config = &self.s.config;
         let alpha_each = config.alpha_each();
-        let rank = m.rank(&self.layout, alpha_each);
+        let rank_alpha = self.rank_alpha();
+        let safety_alpha = self.safety_alpha();
+        let rank = m.rank(&self.layout, rank_alpha);
         let regression = m.tests.iter().any(|t| t.harm_crossed_at.is_some())
-            || (final_look && m.rank_regression(c, &self.layout, alpha_each).is_some());
+            || (final_look && m.rank_regression(c, &self.layout, rank_alpha).is_some());
         let samples = m.canary.samples.min(m.baseline.samples);
         let status = if regression {
             MetricStatus::Regression
         } else if samples < c.min_samples || samples == 0 {
             MetricStatus::NotEnoughData
-        } else if m.shown_safe(config.pass_alpha) {
+        } else if m.shown_safe(safety_alpha) {
             MetricStatus::Safe
         } else {
             MetricStatus::Undecided
@@ -978,7 +1114,7 @@ impl Judge {
                 harm_crossed_at: t.harm_crossed_at,
                 safety_z: t.safety.z(),
                 safety_p_value: stats::normal_sf(-t.safety.z()),
-                safety_threshold: config.pass_alpha,
+                safety_threshold: safety_alpha,
             })
             .collect();
         MetricReport {
@@ -1421,6 +1557,79 @@ mod tests {
         ));
     }
 
+    /// A gate request over `hosts` hosts of which `exposed` would run the release after a pass.
+    fn request(decide_by: Duration, looks: u16, exposed: u32, hosts: u32) -> GateRequest {
+        GateRequest {
+            gate: GateId(7),
+            region: crate::rollout::RegionIndex(0),
+            wave: 0,
+            canary: Vec::new(),
+            baseline: Vec::new(),
+            window_start: Duration::ZERO,
+            decide_by,
+            looks,
+            exposed_after_pass: exposed,
+            hosts,
+        }
+    }
+
+    #[test]
+    fn a_gate_that_cannot_decide_bakes_again_before_it_holds() {
+        let mut config = JudgeConfig::default();
+        // 500 requests a window: 30,000 a side in a 10-minute bake, 60,000 in two.
+        for m in &mut config.metrics {
+            m.min_samples = 40_000;
+        }
+        let bake = Duration::from_secs(600);
+        let mut j = Judge::for_gate(config.clone(), &request(bake, 3, 1, 100)).expect("valid");
+        assert_eq!(j.poll_timeout(), Some(bake));
+        let mut t = Traffic::new(21);
+        let (v, at) = run(&mut j, &mut t, 180, Model::healthy(), Model::healthy());
+        assert_eq!(v, Some(Verdict::Pass));
+        assert_eq!(at, 2 * bake, "passed at the second look, not the first");
+        let r = j.report();
+        assert_eq!((r.looks, r.looked, r.decide_by), (3, 1, 2 * bake));
+        // Each look's safety test runs at a third of pass_alpha.
+        let threshold = r.metrics[0].sequential[0].safety_threshold;
+        assert!((threshold - config.pass_alpha / 3.0).abs() < 1e-12, "{threshold}");
+
+        // Traffic that never suffices: held after the last look, not before.
+        let mut j = Judge::for_gate(config, &request(bake, 2, 1, 100)).expect("valid");
+        let sparse = Model { requests: 20, ..Model::healthy() };
+        let (v, at) = run(&mut j, &mut t, 180, sparse, sparse);
+        assert_eq!(v, Some(Verdict::Inconclusive));
+        assert_eq!(at, 2 * bake);
+        assert_eq!(j.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_guard_gate_must_rule_out_the_narrower_critical_increase() {
+        let bake = Duration::from_secs(120);
+        // 5 of 100 hosts after a pass: within the 5% guard exposure; 25 of 100: beyond it.
+        let plain = Judge::for_gate(JudgeConfig::default(), &request(bake, 1, 5, 100));
+        let guard = Judge::for_gate(JudgeConfig::default(), &request(bake, 1, 25, 100));
+        let (mut plain, mut guard) = (plain.expect("valid"), guard.expect("valid"));
+        assert_eq!(guard.config().metrics[0].critical_increase, 0.5);
+        assert_eq!(plain.config().metrics[0].critical_increase, 1.0);
+        // The same two minutes of healthy traffic (about 30 errors a side) rule out a doubling
+        // of the error rate, not +50%.
+        let (v, _) = run(&mut plain, &mut Traffic::new(22), 12, Model::healthy(), Model::healthy());
+        assert_eq!(v, Some(Verdict::Pass));
+        let (v, _) = run(&mut guard, &mut Traffic::new(22), 12, Model::healthy(), Model::healthy());
+        assert_eq!(v, Some(Verdict::Inconclusive));
+        let r = guard.report();
+        assert!(r.guard && !plain.report().guard);
+        assert_eq!(
+            r.outcome,
+            Outcome::Inconclusive {
+                reason: InconclusiveReason::NotShownSafe { metric: "error-rate".to_owned() }
+            }
+        );
+        // A deployment of unknown size is guarded.
+        let unknown = Judge::for_gate(JudgeConfig::default(), &request(bake, 1, 0, 0));
+        assert!(unknown.expect("valid").report().guard);
+    }
+
     #[test]
     fn measurement_errors_are_counted_apart_and_never_fail() {
         let mut j = judge(10);
@@ -1647,6 +1856,58 @@ mod tests {
     /// The judge's verdicts drive the rollout engine: a failing canary is rolled back before
     /// it grows past its first step.
     #[test]
+    fn the_gate_before_the_release_widens_beyond_5_percent_is_a_guard_gate() {
+        use crate::rollout::{
+            Command, HostEvent, HostId, HostSpec, ManifestId, Plan, RegionIndex, Rollout, Strategy,
+        };
+        let (v1, v2) = (ManifestId([1; 32]), ManifestId([2; 32]));
+        let hosts = (0..400)
+            .map(|i| HostSpec { id: HostId(i), region: RegionIndex(0), previous: Some(v1) })
+            .collect();
+        let plan = Plan::new("web", v2, vec!["eu".to_owned()], hosts, Strategy::canary());
+        let mut now = Duration::ZERO;
+        let mut rollout = Rollout::new(now, plan).expect("valid plan");
+        for i in 0..400 {
+            rollout.handle_host(now, HostId(i), HostEvent::Staged { manifest: v2 }).expect("host");
+        }
+        let mut requests = Vec::new();
+        while requests.len() < 3 && now < Duration::from_secs(4 * 3600) {
+            while let Some(c) = rollout.poll_command() {
+                match c {
+                    Command::SetDesired { desired, hosts } if desired.active == Some(v2) => {
+                        for h in hosts {
+                            let active = HostEvent::Active { manifest: v2 };
+                            rollout.handle_host(now, h, active).expect("host");
+                            let health = HostEvent::Health { manifest: v2, healthy: true };
+                            rollout.handle_host(now, h, health).expect("host");
+                        }
+                    }
+                    Command::EvaluateGate(request) => requests.push(request),
+                    _ => {}
+                }
+            }
+            // Every gate passes as soon as the bake ends.
+            now += INTERVAL;
+            rollout.handle_timeout(now);
+            if let Some(r) = requests.last() {
+                if now >= r.decide_by {
+                    let _ = rollout.handle_verdict(now, r.gate, Verdict::Pass);
+                }
+            }
+        }
+        let seen: Vec<(u16, u32, u32, bool)> = requests
+            .iter()
+            .map(|r| {
+                let j = Judge::for_gate(JudgeConfig::default(), r).expect("valid");
+                (r.looks, r.exposed_after_pass, r.hosts, j.report().guard)
+            })
+            .collect();
+        // 1% (4 hosts) would widen to 5% (20): not guarded; 5% to 25% (100) and 25% to 50%
+        // (200): guarded.
+        assert_eq!(seen, [(3, 20, 400, false), (3, 100, 400, true), (3, 200, 400, true)]);
+    }
+
+    #[test]
     fn a_failing_gate_rolls_the_canary_back() {
         use crate::rollout::{
             Bake, Command, HostEvent, HostId, HostSpec, ManifestId, Phase, Plan, RegionIndex,
@@ -1660,6 +1921,7 @@ mod tests {
         plan.bake = Bake {
             first_region: Duration::from_secs(600),
             other_regions: Duration::from_secs(300),
+            extensions: 0,
         };
         let mut now = Duration::ZERO;
         let mut rollout = Rollout::new(now, plan).expect("valid plan");

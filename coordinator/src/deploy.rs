@@ -67,6 +67,10 @@ pub struct DeploymentSpec {
     /// Bake of every wave in the other regions (default 5 min).
     #[serde(default, with = "humantime_serde")]
     pub bake: Option<Duration>,
+    /// More bakes the analysis judge may take when a wave's traffic cannot yet decide its
+    /// gate, before the rollout is held for a human (default 2).
+    #[serde(default)]
+    pub bake_extensions: Option<u16>,
     /// Judge canary steps and batches against the baseline (default: on for canary).
     #[serde(default)]
     pub analysis: Option<bool>,
@@ -275,6 +279,7 @@ impl DeploymentSpec {
                 .or(self.bake)
                 .unwrap_or(bake_defaults.first_region),
             other_regions: self.bake.unwrap_or(bake_defaults.other_regions),
+            extensions: self.bake_extensions.unwrap_or(bake_defaults.extensions),
         };
         let t = Timeouts::default();
         plan.timeouts = Timeouts {

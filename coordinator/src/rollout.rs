@@ -311,9 +311,25 @@ pub struct GateRequest {
     pub baseline: Vec<HostId>,
     /// Start of the comparison window: when the wave settled.
     pub window_start: Duration,
-    /// When the bake ends; a verdict is wanted by then (the rollout holds
-    /// [`Timeouts::gate`] later).
+    /// When the bake ends; a verdict is wanted by then.
     pub decide_by: Duration,
+    /// How many times the judge may look for a pass: at `decide_by`, then once more every
+    /// bake (`decide_by - window_start`) later while it cannot decide, `1 +`
+    /// [`Bake::extensions`] looks in all. The rollout holds [`Timeouts::gate`] after the
+    /// last.
+    #[serde(default = "one_look")]
+    pub looks: u16,
+    /// Hosts of the deployment that run the target once the wave after a pass is formed:
+    /// what the pass would expose. See the judge's guard gates.
+    #[serde(default)]
+    pub exposed_after_pass: u32,
+    /// Hosts in the deployment.
+    #[serde(default)]
+    pub hosts: u32,
+}
+
+fn one_look() -> u16 {
+    1
 }
 
 /// Something the shell must do, from [`Rollout::poll_command`].
@@ -1788,17 +1804,50 @@ impl Rollout {
     /// Starts the current wave's bake, and opens its analysis gate if it has one.
     fn bake_and_judge(&mut self) {
         let r = usize::from(self.s.wave.region);
-        let bake = if r == usize::from(self.s.first_region) {
-            self.s.bake.first_region
-        } else {
-            self.s.bake.other_regions
-        };
-        let until = self.s.now + bake;
+        let until = self.s.now + self.bake_of(r);
         self.s.wave.stage = WaveStage::Baking { until };
         self.s.wave.gate = None;
         if self.s.wave.gates.analysis {
             self.request_gate(r, until);
         }
+    }
+
+    /// The bake of each wave of region `r`.
+    fn bake_of(&self, r: usize) -> Duration {
+        if r == usize::from(self.s.first_region) {
+            self.s.bake.first_region
+        } else {
+            self.s.bake.other_regions
+        }
+    }
+
+    /// Hosts of the deployment that run the target once the wave after the current one (of
+    /// region `r`) is formed: the current ones, and as many as the next wave takes (the next
+    /// step or batch of the region, or the first of the next region).
+    fn exposed_after_pass(&self, r: usize) -> u32 {
+        let assigned: u32 = self.s.regions.iter().map(|g| g.counts.assigned).sum();
+        let region = &self.s.regions[r];
+        let next_region = self.s.regions[r + 1..].iter().find(|g| g.size() > 0);
+        let added = match &self.s.strategy {
+            Strategy::Canary { steps } => {
+                let cap = |step: &CanaryStep, g: &Region| {
+                    step.size.ceil_of(g.size()).max(1).min(g.size())
+                };
+                let from = usize::from(region.next_step).min(steps.len());
+                steps[from..]
+                    .iter()
+                    .map(|st| cap(st, region))
+                    .find(|&c| c > region.counts.assigned)
+                    .map(|c| c - region.counts.assigned)
+                    .or_else(|| next_region.and_then(|g| steps.first().map(|st| cap(st, g))))
+            }
+            Strategy::Rolling { .. } if region.cursor < region.end => {
+                Some(region.max_unavailable.min(region.end - region.cursor))
+            }
+            Strategy::Rolling { .. } => next_region.map(|g| g.max_unavailable.min(g.size())),
+            Strategy::BlueGreen { .. } => next_region.map(Region::size),
+        };
+        assigned + added.unwrap_or(0)
     }
 
     fn request_gate(&mut self, r: usize, decide_by: Duration) {
@@ -1841,13 +1890,19 @@ impl Rollout {
             baseline,
             window_start: self.s.now,
             decide_by,
+            looks: 1 + self.s.bake.extensions,
+            exposed_after_pass: self.exposed_after_pass(r),
+            hosts: self.s.hosts.len() as u32,
         }));
     }
 
     fn after_bake(&mut self) {
         if let Some(g) = self.s.wave.gate {
             if !g.passed {
-                let deadline = self.s.now + self.s.timeouts.gate;
+                // The judge may bake again before it decides.
+                let r = usize::from(self.s.wave.region);
+                let extensions = self.bake_of(r) * u32::from(self.s.bake.extensions);
+                let deadline = self.s.now + extensions + self.s.timeouts.gate;
                 self.s.wave.stage = WaveStage::AwaitingVerdict { gate: g.id, deadline };
                 return;
             }

@@ -116,7 +116,7 @@ impl Scenario {
             strategy,
             budget: Budget::default(),
             health: HealthGate::default(),
-            bake: Bake { first_region: secs(120), other_regions: secs(60) },
+            bake: Bake { first_region: secs(120), other_regions: secs(60), extensions: 0 },
             timeouts: Timeouts::default(),
             stage_ahead: StageAhead::All,
             gate_sample: 1000,
@@ -1118,7 +1118,7 @@ fn staging_ahead_by_one_wave_tells_the_next_wave_while_the_current_one_bakes() {
 fn lost_hosts_are_unavailable_deferred_and_caught_up_when_they_return() {
     let mut s = Scenario::new(vec![40], Strategy::rolling());
     s.budget.max_unavailable = Limit::Count(4);
-    s.bake = Bake { first_region: secs(10), other_regions: secs(10) };
+    s.bake = Bake { first_region: secs(10), other_regions: secs(10), extensions: 0 };
     // Three hosts lost while staging (before any wave could activate them), back much later.
     s.losses = (0..3).map(|i| Loss { host: i * 7, at: secs(1), down_for: secs(4_000) }).collect();
     let sim = run(s);
@@ -1468,7 +1468,7 @@ fn scenario_strategy(judges: Vec<Judge>) -> impl proptest::strategy::Strategy<Va
                 let mut s = Scenario::new(regions, strategy);
                 s.budget = Budget { max_unavailable, min_healthy };
                 s.health = HealthGate { max_failed };
-                s.bake = Bake { first_region: secs(90), other_regions: secs(30) };
+                s.bake = Bake { first_region: secs(90), other_regions: secs(30), extensions: 0 };
                 (s.plan_seed, s.sim_seed, s.stage_ahead) = seeds;
                 let (bad, fail_activation, all_bad) = faults;
                 s.bad_fraction = if all_bad { 1.0 } else { bad };
@@ -1603,7 +1603,7 @@ fn a_rolling_first_install_takes_hosts_running_nothing_in_budget_sized_batches()
         .collect();
     let mut plan = Plan::new("web", V2, vec!["eu".into()], hosts, Strategy::rolling());
     plan.budget = Budget { max_unavailable: Limit::Percent(25), ..Budget::default() };
-    plan.bake = Bake { first_region: secs(1), other_regions: secs(1) };
+    plan.bake = Bake { first_region: secs(1), other_regions: secs(1), extensions: 0 };
     let mut engine = Rollout::new(secs(0), plan).expect("plan");
     let mut now = secs(0);
     for i in 0..8 {

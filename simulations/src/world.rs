@@ -501,8 +501,11 @@ impl World {
             min_healthy: Limit::Count(0),
         };
         plan.health = HealthGate { max_failed: Limit::Percent(spec.max_failed_percent) };
-        plan.bake =
-            Bake { first_region: spec.bake_first_region, other_regions: spec.bake_other_regions };
+        plan.bake = Bake {
+            first_region: spec.bake_first_region,
+            other_regions: spec.bake_other_regions,
+            ..Bake::default()
+        };
         plan.timeouts = Timeouts { stage: spec.stage_timeout, ..Timeouts::default() };
         plan.stage_ahead = StageAhead::All;
         plan.seed = self.sc.seed;

@@ -104,6 +104,10 @@ pub(crate) struct DeployArgs {
     /// How long every wave bakes in the first region [default: --bake if given, else 10m].
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub(crate) bake_first_region: Option<Duration>,
+    /// More bakes the canary judge may take when a wave's traffic cannot yet decide its gate,
+    /// before the deployment is held for a human [default: 2].
+    #[arg(long, value_name = "N")]
+    pub(crate) bake_extensions: Option<u16>,
     /// Do not judge waves against the baseline (canary analysis is on by default for canary).
     #[arg(long)]
     pub(crate) no_analysis: bool,

@@ -152,6 +152,15 @@ pub struct Bake {
     pub first_region: Duration,
     /// Bake of each wave in every later region. Default 5 minutes.
     pub other_regions: Duration,
+    /// How many more bakes the analysis judge may take when it cannot decide at the end of
+    /// one (too little traffic yet to pass, and no regression shown). Default 2: a thin canary
+    /// step is judged over up to three bakes before it is held for a human.
+    #[serde(default = "default_extensions")]
+    pub extensions: u16,
+}
+
+fn default_extensions() -> u16 {
+    2
 }
 
 impl Default for Bake {
@@ -159,6 +168,7 @@ impl Default for Bake {
         Self {
             first_region: Duration::from_secs(10 * 60),
             other_regions: Duration::from_secs(5 * 60),
+            extensions: default_extensions(),
         }
     }
 }
