@@ -164,13 +164,16 @@
 //! finished hosts do); with a `seed_window` (sources only), 24 bytes per chunk. For 3,200 chunks
 //! and 50 half-done peers that is about 75 KB while staging and 10 KB once complete.
 //!
-//! A have-announcement costs O(1); a piece costs O(requests picked) plus one O(peers) pass when
-//! the global request budget was full; rarer events (disconnect, timeout, rejection) cost
-//! O(peers) passes. Nothing scans chunks x peers. [`Scheduler::poll_timeout`] and
-//! [`Scheduler::handle_timeout`] are O(peers waited on: requests outstanding or backed off), not
-//! O(peers connected): a cache with thousands of hosts connected waits on a few.
+//! A have-announcement costs O(1); a piece costs O(requests picked) plus O(useful peers) (those
+//! advertising a wanted chunk); passes over candidates (when the global request budget was
+//! full, and after a disconnect, timeout or rejection) are O(useful peers · log) and skip the
+//! hosts that have nothing for us, so a cache holding thousands of hosts pays for the few that
+//! have a chunk it lacks. Nothing scans chunks x peers. [`Scheduler::poll_timeout`] is
+//! O(1) (peer deadlines and deferrals are kept ordered) and [`Scheduler::handle_timeout`] visits
+//! only the peers due. A deferred chunk costs about 40 bytes while deferred.
 
 mod bitfield;
+mod deferred;
 mod picker;
 
 use std::cmp::Reverse;
@@ -185,15 +188,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use bitfield::{Bitfield, BitfieldError, Ones};
+use deferred::Deferred;
 use picker::Picker;
 
 /// Index of a chunk in its manifest's ordered chunk list.
 pub type ChunkIndex = u32;
 
-/// Most peers one scheduler tracks at once. Availability counters are 16 bits wide, and the
-/// daemon keeps a bounded random set of peers (tens) per manifest anyway; the cap bounds the
-/// O(peers) passes.
-pub const MAX_PEERS: usize = 4096;
+/// Most peers one scheduler tracks at once: what the 16-bit availability counters can count.
+/// A host keeps a bounded random set of peers (tens) per manifest, but a cache holds one
+/// connection per host of its region (17,000 in the 50,000-host simulation), so the scheduler's
+/// passes are over the peers that have something for it, never over every connected peer.
+pub const MAX_PEERS: usize = u16::MAX as usize;
 
 /// Opaque handle of a connected peer.
 ///
@@ -750,6 +755,11 @@ pub struct Scheduler {
     /// [`poll_timeout`](Self::poll_timeout) and [`handle_timeout`](Self::handle_timeout) look
     /// at, so a source with thousands of connected hosts pays for the few it waits on.
     timed: BTreeSet<PeerId>,
+    /// The next deadline of each peer in `timed` (its oldest request's timeout or the end of
+    /// its back-off), ordered: the earliest is [`poll_timeout`](Self::poll_timeout)'s answer
+    /// without walking anything, and [`handle_timeout`](Self::handle_timeout) visits only the
+    /// peers that are due.
+    deadlines: BTreeSet<(Duration, PeerId)>,
     banned: BTreeSet<PeerId>,
     /// Active region peers that advertise every chunk (counted here, not per chunk).
     full_region: u32,
@@ -759,7 +769,16 @@ pub struct Scheduler {
     permit: OriginPermit,
     back_to_source_open: bool,
     /// Chunks not to ask caches or the origin for until the given time (`SeededRecently`).
-    deferred: BTreeMap<ChunkIndex, Duration>,
+    deferred: Deferred,
+    /// Peers that advertise a wanted chunk (see [`Peer::useful`]): with the caches and the
+    /// origin, the only peers a pick can find anything at, so the passes over candidates
+    /// ([`schedule`](Self::schedule), [`clear_exhausted`](Self::clear_exhausted)) skip the
+    /// hosts that have nothing for us (most of a pulling cache's thousands of hosts).
+    useful: BTreeSet<PeerId>,
+    /// Connected caches and origins.
+    sources: BTreeSet<PeerId>,
+    /// Candidates of a scheduling pass, in order of preference (kept to reuse its memory).
+    candidates: Vec<(CandidateKey, PeerId)>,
     uploads: Uploads,
     commands: VecDeque<Command>,
     progress: Progress,
@@ -767,6 +786,10 @@ pub struct Scheduler {
     round: u64,
     scratch: Vec<(u16, u32, ChunkIndex)>,
 }
+
+/// Preference of a candidate peer (smaller first): kind, then rate (faster first, unmeasured
+/// first of all), then the per-peer random tiebreak; the id breaks the remaining ties.
+type CandidateKey = (PeerKind, Reverse<u64>, u32);
 
 #[derive(Debug)]
 struct Peer {
@@ -776,6 +799,11 @@ struct Peer {
     in_flight: VecDeque<InFlight>,
     /// The last pick for it found nothing; skip it until something changes.
     exhausted: bool,
+    /// Wanted chunks it advertises, while its bits are `Partial` (with `Full` bits it has every
+    /// wanted chunk; with `Unknown`, none).
+    useful: u32,
+    /// Its entry in `Scheduler::deadlines`.
+    deadline: Option<Duration>,
     visited: u64,
     tiebreak: u32,
     rate: Option<u64>,
@@ -941,13 +969,17 @@ impl Scheduler {
             picker: Picker::new(n, wanted),
             peers: BTreeMap::new(),
             timed: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
             banned: BTreeSet::new(),
             full_region: 0,
             live_caches: 0,
             in_flight: InFlightCounts::default(),
             permit: OriginPermit::Idle,
             back_to_source_open: config.back_to_source_delay.is_zero(),
-            deferred: BTreeMap::new(),
+            deferred: Deferred::default(),
+            useful: BTreeSet::new(),
+            sources: BTreeSet::new(),
+            candidates: Vec::new(),
             uploads: Uploads::default(),
             commands: VecDeque::new(),
             progress,
@@ -972,13 +1004,8 @@ impl Scheduler {
     pub fn poll_timeout(&self) -> Option<Duration> {
         let mut next: Option<Duration> = None;
         let mut consider = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
-        for p in self.timed.iter().filter_map(|id| self.peers.get(id)) {
-            if let Some(f) = p.in_flight.front() {
-                consider(f.sent + self.config.request_timeout);
-            }
-            if let Some(until) = p.state.until() {
-                consider(until);
-            }
+        if let Some(&(deadline, _)) = self.deadlines.first() {
+            consider(deadline);
         }
         if !self.is_complete() {
             if let OriginPermit::Denied { retry_at } = self.permit {
@@ -987,7 +1014,7 @@ impl Scheduler {
             if !self.back_to_source_open {
                 consider(self.started + self.config.back_to_source_delay);
             }
-            for &until in self.deferred.values() {
+            if let Some(until) = self.deferred.next_deadline() {
                 consider(until);
             }
         }
@@ -1107,6 +1134,8 @@ impl Scheduler {
                 state: Activity::Active,
                 in_flight: VecDeque::new(),
                 exhausted: false,
+                useful: 0,
+                deadline: None,
                 visited: 0,
                 tiebreak,
                 rate: None,
@@ -1123,6 +1152,10 @@ impl Scheduler {
         if kind == PeerKind::Cache {
             self.live_caches += 1;
         }
+        if kind != PeerKind::Peer {
+            self.sources.insert(peer);
+        }
+        self.recount_useful(peer);
         self.schedule(now, Some(peer));
         Ok(())
     }
@@ -1167,6 +1200,7 @@ impl Scheduler {
             contribute(&mut self.picker, &mut self.full_region, &p.bits, true);
         }
         p.exhausted = false;
+        self.recount_useful(peer);
         if matches!(old, Bits::Unknown) {
             self.schedule(now, Some(peer));
         } else {
@@ -1266,7 +1300,8 @@ impl Scheduler {
                 let endgame_before = self.endgame();
                 let cancelled = self.cancel_requests(index);
                 self.picker.remove(index);
-                self.deferred.remove(&index);
+                self.no_longer_wanted(index);
+                self.deferred.remove(index);
                 self.writing.insert(index, source);
                 let entered_endgame = !endgame_before && self.endgame();
                 if entered_endgame {
@@ -1305,7 +1340,8 @@ impl Scheduler {
             RejectReason::Banned => self.set_state(peer, Activity::Refused),
             RejectReason::SeededRecently => {
                 if self.picker.is_wanted(index) {
-                    self.deferred.insert(index, now + self.config.seeded_defer);
+                    let chunks = self.table.chunk_count();
+                    self.deferred.insert(chunks, index, now + self.config.seeded_defer);
                 }
                 // Deferral only keeps the chunk from caches and the origin; a region host that
                 // seeds (hosts normally do not) is backed off instead of being asked again at once.
@@ -1314,7 +1350,8 @@ impl Scheduler {
                 }
             }
         }
-        self.clear_exhausted();
+        // The chunk is unrequested again: the peers that have it get a new look.
+        self.clear_exhausted_for(index);
         self.schedule(now, None);
         Ok(())
     }
@@ -1354,6 +1391,7 @@ impl Scheduler {
         }
         self.progress.write_failures += 1;
         self.picker.insert(index);
+        self.wanted_again(index);
         self.clear_exhausted();
         self.schedule(now, None);
         Ok(())
@@ -1371,8 +1409,8 @@ impl Scheduler {
             self.release_permit();
             return;
         }
-        for p in self.peers.values_mut() {
-            if p.kind == PeerKind::Origin {
+        for id in &self.sources {
+            if let Some(p) = self.peers.get_mut(id).filter(|p| p.kind == PeerKind::Origin) {
                 p.exhausted = false;
             }
         }
@@ -1391,9 +1429,14 @@ impl Scheduler {
     /// late is harmless): expires requests, back-offs, permit retries and queued uploads.
     pub fn handle_timeout(&mut self, now: Duration) {
         let now = self.advance(now);
-        let mut changed = false;
+        // `changed`: chunks or sources may be eligible again, every peer gets a new look;
+        // `rescheduled`: only back-offs ended.
+        let (mut changed, mut rescheduled) = (false, false);
         let timeout = self.config.request_timeout;
-        let ids: Vec<PeerId> = self.timed.iter().copied().collect();
+        // The peers due, in id order (the order of their commands).
+        let mut ids: Vec<PeerId> =
+            self.deadlines.iter().take_while(|&&(d, _)| d <= now).map(|&(_, id)| id).collect();
+        ids.sort_unstable();
         for id in ids {
             let Some(p) = self.peers.get_mut(&id) else { continue };
             let expired = p.in_flight.iter().take_while(|f| f.sent + timeout <= now).count();
@@ -1418,8 +1461,9 @@ impl Scheduler {
                 self.retime(id);
                 changed = true;
             } else if p.state.until().is_some_and(|until| until <= now) {
+                // Only this peer may be asked again (`set_state` clears its mark).
                 self.set_state(id, Activity::Active);
-                changed = true;
+                rescheduled = true;
             }
         }
         if let OriginPermit::Denied { retry_at } = self.permit {
@@ -1428,9 +1472,7 @@ impl Scheduler {
                 changed = true;
             }
         }
-        let deferred = self.deferred.len();
-        self.deferred.retain(|_, until| *until > now);
-        changed |= self.deferred.len() != deferred;
+        changed |= self.deferred.expire(now);
         if !self.back_to_source_open && now >= self.started + self.config.back_to_source_delay {
             self.back_to_source_open = true;
             changed = true;
@@ -1444,6 +1486,8 @@ impl Scheduler {
         }
         if changed {
             self.clear_exhausted();
+        }
+        if changed || rescheduled {
             self.schedule(now, None);
         }
     }
@@ -1612,9 +1656,82 @@ impl Scheduler {
             && self.picker.wanted_len() <= self.config.endgame_threshold as usize
     }
 
+    /// Something changed (a chunk is unrequested or wanted again, availability fell, endgame
+    /// began): every peer that could have something for us gets a new look. The others (no
+    /// wanted chunk advertised) stay skipped; they get a look when they advertise one.
     fn clear_exhausted(&mut self) {
-        for p in self.peers.values_mut() {
-            p.exhausted = false;
+        for id in self.useful.iter().chain(&self.sources) {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.exhausted = false;
+            }
+        }
+    }
+
+    /// Chunk `index` may be eligible again (its request was refused): the peers that advertise
+    /// it, and the caches and origin (for which it may now be region-rare), get a new look.
+    fn clear_exhausted_for(&mut self, index: ChunkIndex) {
+        for id in self.useful.iter().chain(&self.sources) {
+            if let Some(p) = self.peers.get_mut(id) {
+                if p.kind != PeerKind::Peer || p.bits.has(index) {
+                    p.exhausted = false;
+                }
+            }
+        }
+    }
+
+    /// Recomputes `id`'s count of advertised wanted chunks and its place in `useful` from its
+    /// bits: O(its chunks) for partial bits.
+    fn recount_useful(&mut self, id: PeerId) {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let picker = &self.picker;
+        p.useful = match &p.bits {
+            Bits::Unknown | Bits::Full => 0,
+            Bits::Partial(b) if b.count_ones() as usize <= picker.wanted_len() => {
+                b.iter().filter(|&c| picker.is_wanted(c)).count() as u32
+            }
+            Bits::Partial(b) => picker.order().iter().filter(|&&c| b.contains(c)).count() as u32,
+        };
+        let useful = match p.bits {
+            Bits::Unknown => false,
+            Bits::Partial(_) => p.useful > 0,
+            Bits::Full => picker.wanted_len() > 0,
+        };
+        if useful {
+            if self.useful.insert(id) {
+                p.exhausted = false;
+            }
+        } else {
+            self.useful.remove(&id);
+        }
+    }
+
+    /// Chunk `index` left the wanted set: the peers that advertised it have one wanted chunk
+    /// fewer. O(useful peers).
+    fn no_longer_wanted(&mut self, index: ChunkIndex) {
+        let none_wanted = self.picker.wanted_len() == 0;
+        let peers = &mut self.peers;
+        self.useful.retain(|id| {
+            let Some(p) = peers.get_mut(id) else { return false };
+            match &p.bits {
+                Bits::Unknown => false,
+                Bits::Full => !none_wanted,
+                Bits::Partial(b) => {
+                    if b.contains(index) {
+                        p.useful -= 1;
+                    }
+                    p.useful > 0
+                }
+            }
+        });
+    }
+
+    /// Chunk `index` is wanted again (its write failed): the peers that advertise it have one
+    /// wanted chunk more. O(peers), but write failures are rare.
+    fn wanted_again(&mut self, index: ChunkIndex) {
+        let ids: Vec<PeerId> =
+            self.peers.iter().filter(|(_, p)| p.bits.has(index)).map(|(&id, _)| id).collect();
+        for id in ids {
+            self.recount_useful(id);
         }
     }
 
@@ -1635,7 +1752,9 @@ impl Scheduler {
             return false;
         }
         let mut cancelled = Vec::new();
-        for (&id, p) in self.peers.iter_mut() {
+        // Only peers waited on (`timed`) have requests outstanding.
+        for &id in &self.timed {
+            let Some(p) = self.peers.get_mut(&id) else { continue };
             if let Some(at) = p.in_flight.iter().position(|f| f.index == index) {
                 p.in_flight.remove(at);
                 self.picker.remove_request(index);
@@ -1676,13 +1795,24 @@ impl Scheduler {
         self.retime(id);
     }
 
-    /// Keeps `timed` in step with `id`'s requests and back-off.
+    /// Keeps `timed` and `deadlines` in step with `id`'s requests and back-off.
     fn retime(&mut self, id: PeerId) {
-        let timed = self
-            .peers
-            .get(&id)
-            .is_some_and(|p| !p.in_flight.is_empty() || p.state.until().is_some());
-        if timed {
+        let Some(p) = self.peers.get_mut(&id) else { return };
+        let timeout = p.in_flight.front().map(|f| f.sent + self.config.request_timeout);
+        let deadline = match (timeout, p.state.until()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if deadline != p.deadline {
+            if let Some(old) = p.deadline {
+                self.deadlines.remove(&(old, id));
+            }
+            if let Some(new) = deadline {
+                self.deadlines.insert((new, id));
+            }
+            p.deadline = deadline;
+        }
+        if deadline.is_some() {
             self.timed.insert(id);
         } else {
             self.timed.remove(&id);
@@ -1723,6 +1853,12 @@ impl Scheduler {
         if counted {
             self.picker.inc(index);
         }
+        if self.picker.is_wanted(index) {
+            p.useful += 1;
+            if self.useful.insert(id) {
+                p.exhausted = false;
+            }
+        }
         if b.is_full() {
             // Count it once in `full_region` instead of once per chunk, and drop the bitset.
             if counted {
@@ -1744,8 +1880,16 @@ impl Scheduler {
         match &mut p.bits {
             Bits::Unknown => {}
             Bits::Partial(b) => {
-                if b.remove(index) && counted {
-                    self.picker.dec(index);
+                if b.remove(index) {
+                    if counted {
+                        self.picker.dec(index);
+                    }
+                    if self.picker.is_wanted(index) {
+                        p.useful -= 1;
+                        if p.useful == 0 {
+                            self.useful.remove(&id);
+                        }
+                    }
                 }
             }
             Bits::Full => {
@@ -1758,6 +1902,7 @@ impl Scheduler {
                     }
                 }
                 p.bits = Bits::Partial(b);
+                self.recount_useful(id);
             }
         }
     }
@@ -1766,7 +1911,12 @@ impl Scheduler {
     fn remove_peer(&mut self, _now: Duration, id: PeerId) {
         self.set_state(id, Activity::Refused);
         self.timed.remove(&id);
+        self.useful.remove(&id);
+        self.sources.remove(&id);
         let Some(p) = self.peers.remove(&id) else { return };
+        if let Some(deadline) = p.deadline {
+            self.deadlines.remove(&(deadline, id));
+        }
         for f in p.in_flight {
             self.picker.remove_request(f.index);
             self.in_flight.remove(p.kind);
@@ -1797,8 +1947,10 @@ impl Scheduler {
         self.picker.release();
         self.deferred.clear();
         self.full_region = 0;
+        self.useful.clear();
         for p in self.peers.values_mut() {
             p.bits = Bits::Unknown;
+            p.useful = 0;
         }
         match self.permit {
             OriginPermit::Granted => self.release_permit(),
@@ -1837,34 +1989,47 @@ impl Scheduler {
         }
     }
 
-    /// The candidate to serve next: region peers before caches before the origin, then the
-    /// fastest (unmeasured first, so each gets tried), then a per-peer random tiebreak.
-    fn best_candidate(&self, round: u64) -> Option<PeerId> {
-        self.peers
-            .iter()
-            .filter(|(_, p)| p.visited != round && self.is_candidate(p))
-            .min_by_key(|(id, p)| (p.kind, Reverse(p.rate.unwrap_or(u64::MAX)), p.tiebreak, **id))
-            .map(|(&id, _)| id)
+    /// The candidates of a pass over every peer, in order of preference: region peers before
+    /// caches before the origin, then the fastest (unmeasured first, so each gets tried), then
+    /// a per-peer random tiebreak. Only peers that advertise a wanted chunk, the caches and the
+    /// origin are looked at: O(those · log) however many hosts are connected.
+    fn candidates(&mut self, out: &mut Vec<(CandidateKey, PeerId)>) {
+        out.clear();
+        for &id in self.useful.iter().chain(&self.sources) {
+            let Some(p) = self.peers.get(&id) else { continue };
+            if self.is_candidate(p) {
+                out.push(((p.kind, Reverse(p.rate.unwrap_or(u64::MAX)), p.tiebreak), id));
+            }
+        }
+        out.sort_unstable();
+        // A source that is also useful was pushed twice.
+        out.dedup_by_key(|&mut (_, id)| id);
     }
 
     /// Hands out free request slots: to `only`, or to every candidate in order of preference.
+    ///
+    /// Preference keys do not change during a pass and nobody becomes a candidate during one
+    /// (requests only take slots), so walking the candidates sorted once, each checked again
+    /// when its turn comes, is the same as picking the best remaining one at every step.
     fn schedule(&mut self, now: Duration, only: Option<PeerId>) {
         if self.is_complete() {
             return;
         }
         self.round += 1;
         let round = self.round;
-        loop {
-            let next = match only {
-                Some(id) => self
-                    .peers
-                    .get(&id)
-                    .filter(|p| p.visited != round && self.is_candidate(p))
-                    .map(|_| id),
-                None => self.best_candidate(round),
-            };
-            let Some(id) = next else { break };
-            let Some(p) = self.peers.get_mut(&id) else { break };
+        let mut order = std::mem::take(&mut self.candidates);
+        match only {
+            Some(id) => {
+                order.clear();
+                order.push(((PeerKind::Peer, Reverse(0), 0), id));
+            }
+            None => self.candidates(&mut order),
+        }
+        for &(_, id) in &order {
+            if !self.peers.get(&id).is_some_and(|p| p.visited != round && self.is_candidate(p)) {
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(&id) else { continue };
             p.visited = round;
             let kind = p.kind;
             if kind == PeerKind::Origin && self.permit != OriginPermit::Granted {
@@ -1873,9 +2038,11 @@ impl Scheduler {
             }
             let want = self.peers.get(&id).map_or(0, |p| self.free_slots(p)) as usize;
             let chunks = self.pick(id, want);
-            let Some(p) = self.peers.get_mut(&id) else { break };
+            let Some(p) = self.peers.get_mut(&id) else { continue };
+            // Fewer than asked for: it has nothing more for us until something changes (and
+            // whatever changes that clears the mark), so the next event need not pick again.
+            p.exhausted = chunks.len() < want;
             if chunks.is_empty() {
-                p.exhausted = true;
                 continue;
             }
             for &c in &chunks {
@@ -1883,9 +2050,10 @@ impl Scheduler {
                 self.picker.add_request(c);
                 self.in_flight.add(kind);
             }
-            self.timed.insert(id);
+            self.retime(id);
             self.commands.push_back(Command::Request { peer: id, chunks });
         }
+        self.candidates = order;
         self.settle_permit();
     }
 
@@ -1913,7 +2081,8 @@ impl Scheduler {
             return;
         }
         let mut needed = false;
-        for p in self.peers.values().filter(|p| p.kind == PeerKind::Origin) {
+        let origins = self.sources.iter().filter_map(|id| self.peers.get(id));
+        for p in origins.filter(|p| p.kind == PeerKind::Origin) {
             if !p.in_flight.is_empty() {
                 return;
             }
@@ -2017,15 +2186,14 @@ fn pick_region_rare(
     picker: &Picker,
     rng: &mut ChaCha8Rng,
     bits: &Bits,
-    deferred: &BTreeMap<ChunkIndex, Duration>,
+    deferred: &Deferred,
     want: usize,
     out: &mut Vec<ChunkIndex>,
 ) {
     if picker.bucket_count() == 0 {
         return;
     }
-    let eligible =
-        |c: ChunkIndex| picker.requests(c) == 0 && bits.has(c) && !deferred.contains_key(&c);
+    let eligible = |c: ChunkIndex| picker.requests(c) == 0 && bits.has(c) && !deferred.contains(c);
     scan(picker.order(), picker.bucket(0), rng, want, eligible, out);
 }
 
@@ -2038,7 +2206,7 @@ fn pick_duplicates(
     p: &Peer,
     want: usize,
     limit: u8,
-    region_rare: Option<(u32, &BTreeMap<ChunkIndex, Duration>)>,
+    region_rare: Option<(u32, &Deferred)>,
     out: &mut Vec<ChunkIndex>,
 ) {
     if region_rare.is_some_and(|(full, _)| full > 0) {
@@ -2050,7 +2218,7 @@ fn pick_duplicates(
             picker.requests(c) == level
                 && p.bits.has(c)
                 && region_rare
-                    .is_none_or(|(_, deferred)| picker.avail(c) == 0 && !deferred.contains_key(&c))
+                    .is_none_or(|(_, deferred)| picker.avail(c) == 0 && !deferred.contains(c))
                 && !p.in_flight.iter().any(|f| f.index == c)
         };
         scan(order, 0..order.len(), rng, want, eligible, out);

@@ -1404,3 +1404,79 @@ proptest! {
         run_case(&case)?;
     }
 }
+
+#[test]
+fn a_cache_tracks_a_whole_region_and_asks_only_the_host_that_has_something() {
+    let n = 16;
+    let config = SwarmConfig { max_in_flight_per_peer: 2, ..quiet_config() };
+    let mut cache = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 21).expect("new");
+    let origin = PeerId(0);
+    cache.handle_connected(ms(0), origin, PeerKind::Origin).expect("connect");
+    cache.handle_permit_granted(ms(0));
+    let first = requests(&drain(&mut cache));
+    assert_eq!(first.len(), 1, "the origin is asked for region-rare chunks: {first:?}");
+    // A region's worth of hosts (far above the old 4,096), every one with nothing yet.
+    let hosts = 20_000u64;
+    for h in 1..=hosts {
+        cache.handle_connected(ms(1), PeerId(h), PeerKind::Peer).expect("connect");
+        cache.handle_bitfield(ms(1), PeerId(h), bits(n, [])).expect("bits");
+    }
+    assert!(requests(&drain(&mut cache)).is_empty());
+    // One host announces a chunk nobody was asked for: it alone is asked.
+    let asked: BTreeSet<ChunkIndex> = first[0].1.iter().copied().collect();
+    let chunk = (0..n).find(|c| !asked.contains(c)).expect("an unrequested chunk");
+    cache.handle_have(ms(2), PeerId(777), chunk).expect("have");
+    assert_eq!(requests(&drain(&mut cache)), vec![(PeerId(777), vec![chunk])]);
+    // A rejection gives every host that has the chunk, and only those, a new look.
+    cache.handle_have(ms(3), PeerId(778), chunk).expect("have");
+    cache.handle_rejected(ms(4), PeerId(777), chunk, RejectReason::Busy).expect("rejected");
+    assert_eq!(requests(&drain(&mut cache)), vec![(PeerId(778), vec![chunk])]);
+}
+
+#[test]
+fn a_scheduler_tracks_up_to_max_peers() {
+    let n = 4;
+    let mut core =
+        Scheduler::new(ms(0), table(n), &Bitfield::new(n), quiet_config(), 22).expect("new");
+    for p in 0..fleetwave_node::swarm::MAX_PEERS as u64 {
+        core.handle_connected(ms(0), PeerId(p), PeerKind::Peer).expect("connect");
+    }
+    assert_eq!(fleetwave_node::swarm::MAX_PEERS, usize::from(u16::MAX));
+    assert_eq!(
+        core.handle_connected(ms(0), PeerId(u64::MAX), PeerKind::Peer),
+        Err(EventError::TooManyPeers { max: fleetwave_node::swarm::MAX_PEERS })
+    );
+    // Every one of them advertising a chunk still fits the availability counters.
+    for p in 0..fleetwave_node::swarm::MAX_PEERS as u64 {
+        core.handle_have(ms(1), PeerId(p), 1).expect("have");
+    }
+    assert!(core.peer_score(PeerId(0)).is_some());
+}
+
+#[test]
+fn deferred_chunks_come_back_to_the_cache_in_deadline_order() {
+    let n = 6;
+    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
+    let mut host = Scheduler::new(ms(0), table(n), &bits(n, [3, 4, 5]), config, 23).expect("new");
+    let cache = PeerId(10);
+    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    // The cache refuses the three wanted chunks one after the other, at 10, 20 and 30 ms.
+    let mut refused = Vec::new();
+    for t in [10, 20, 30] {
+        let reqs = requests(&drain(&mut host));
+        assert_eq!(reqs.len(), 1, "{reqs:?}");
+        let chunk = reqs[0].1[0];
+        host.handle_rejected(ms(t), cache, chunk, RejectReason::SeededRecently).expect("reject");
+        refused.push((ms(t) + config.seeded_defer, chunk));
+    }
+    assert!(requests(&drain(&mut host)).is_empty(), "everything is deferred");
+    // They come back one at a time, the earliest deadline first.
+    for (deadline, chunk) in refused {
+        assert_eq!(host.poll_timeout(), Some(deadline));
+        host.handle_timeout(deadline);
+        assert_eq!(requests(&drain(&mut host)), vec![(cache, vec![chunk])]);
+        host.handle_piece(deadline, cache, chunk, PieceOutcome::Verified).expect("piece");
+        drain(&mut host);
+    }
+    assert_eq!(host.poll_timeout(), None);
+}
