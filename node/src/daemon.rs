@@ -38,6 +38,7 @@ pub mod identity;
 pub mod metrics;
 mod reconcile;
 pub(crate) mod transfer;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -616,8 +617,23 @@ impl Inner {
 
     /// Keeps a connection to a source (the first cache that answers, else the origin) while the
     /// transfer is incomplete. `origin_only`: a cache, which pulls from the origin.
+    ///
+    /// Which source to dial is [`upstream::Upstreams`]' decision: one that cannot be reached
+    /// or that closes the connection at once (a full cache) is backed off and the next one is
+    /// dialed in the same round, so a refused host neither redials the cache that refused it
+    /// every round nor waits for it while the origin would serve it.
     async fn keep_source(self: Arc<Self>, handle: TransferHandle, origin_only: bool) {
-        let mut backoff = Duration::from_millis(100);
+        const ROUND: Duration = Duration::from_millis(250);
+        let mut sources: Vec<(&AsyncMutex<Resolved>, PeerKind)> = Vec::new();
+        if !origin_only {
+            sources.extend(self.caches.iter().map(|c| (c, PeerKind::Cache)));
+        }
+        sources.extend(self.origin.iter().map(|o| (o, PeerKind::Origin)));
+        let mut upstreams = upstream::Upstreams::new(sources.len(), Default::default());
+        let epoch = tokio::time::Instant::now();
+        let now = || epoch.elapsed();
+        // The source connected in the last round, if any.
+        let mut current: Option<usize> = None;
         loop {
             if handle.is_stopped() || self.shared.shutdown.is_cancelled() {
                 return;
@@ -627,29 +643,32 @@ impl Inner {
                 return;
             }
             let connected = snapshot.peers.iter().any(|(_, k)| k == "cache" || k == "origin");
+            let mut wait = ROUND;
             if !connected {
-                let mut ok = false;
-                if !origin_only {
-                    for cache in &self.caches {
-                        if self.dial_upstream(&handle, cache, PeerKind::Cache).await {
-                            ok = true;
-                            break;
-                        }
+                if let Some(lost) = current.take() {
+                    if upstreams.handle_lost(lost, now()) {
+                        debug!(source = lost, "source closed the connection at once; next one");
                     }
                 }
-                if !ok {
-                    if let Some(origin) = &self.origin {
-                        ok = self.dial_upstream(&handle, origin, PeerKind::Origin).await;
+                let mut from = 0;
+                while let Some(i) = upstreams.next(now(), from) {
+                    let (upstream, kind) = sources[i];
+                    if self.dial_upstream(&handle, upstream, kind).await {
+                        upstreams.handle_connected(i, now());
+                        current = Some(i);
+                        break;
                     }
+                    upstreams.handle_unreachable(i, now());
+                    from = i + 1;
                 }
-                backoff = if ok {
-                    Duration::from_millis(100)
-                } else {
-                    (backoff * 2).min(Duration::from_secs(5))
-                };
+                if current.is_none() {
+                    // Every source is backed off: sleep until the first may be dialed again.
+                    let retry = upstreams.next_retry().unwrap_or(now() + ROUND);
+                    wait = retry.saturating_sub(now()).max(ROUND);
+                }
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff.max(Duration::from_millis(250))) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = handle.stopped() => return,
             }
         }

@@ -17,6 +17,7 @@ use fleetwave_coordinator::rollout::{
     HostEvent, HostId, HostSpec, Limit, ManifestId, Notice, Operator, Phase, Plan, RegionIndex,
     Rollout, StageAhead, Strategy, Timeouts, Verdict,
 };
+use fleetwave_node::daemon::upstream::{UpstreamBackoff, Upstreams};
 use fleetwave_node::swarm::{
     Bitfield, Command, PeerId, PeerKind, PieceAction, PieceOutcome, Progress, RejectReason,
     Scheduler, SwarmConfig,
@@ -119,8 +120,15 @@ enum Stage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Src {
     Idle,
-    Trying { k: u32, peer: u32 },
-    Connected(u32),
+    /// Dialing source `k` of `World::sources_of`, node `peer`.
+    Trying {
+        k: u32,
+        peer: u32,
+    },
+    Connected {
+        k: u32,
+        peer: u32,
+    },
     Done,
 }
 
@@ -152,6 +160,8 @@ struct Node {
     holds_permit: bool,
     stage: Stage,
     src: Src,
+    /// The daemon's choice of source to dial (`keep_source`), over `World::sources_of`.
+    ups: Upstreams,
     /// Chunks durable on disk when the process died (resumed from on restart).
     resume: Option<Bitfield>,
     /// XOR of the leading 16 bytes of the hashes of the chunks written durably.
@@ -304,6 +314,7 @@ impl World {
             holds_permit: false,
             stage: Stage::Idle,
             src: Src::Idle,
+            ups: Upstreams::new(0, UpstreamBackoff::default()),
             resume: None,
             digest: 0,
             running: Rel::Previous,
@@ -1134,11 +1145,16 @@ impl World {
     }
 
     fn after_disconnect(&mut self, a: u32, b: u32) {
+        let now = duration(self.q.now());
         let n = &mut self.nodes[a as usize];
-        if n.src == Src::Connected(b) {
-            n.src = Src::Idle;
-            let inc = n.inc;
-            self.q.after(SOURCE_RETRY, Ev::SourceRound { node: a, inc });
+        if let Src::Connected { k, peer } = n.src {
+            if peer == b {
+                // Closed at once counts as a refusal, as in the daemon.
+                n.ups.handle_lost(k as usize, now);
+                n.src = Src::Idle;
+                let inc = n.inc;
+                self.q.after(SOURCE_RETRY, Ev::SourceRound { node: a, inc });
+            }
         }
     }
 
@@ -1173,9 +1189,11 @@ impl World {
                     let mine = self.store_bits(to);
                     self.send(to, from, Wire::Bitfield(mine));
                 }
-                if let Src::Trying { peer: p, .. } = self.nodes[to as usize].src {
+                if let Src::Trying { k, peer: p } = self.nodes[to as usize].src {
                     if p == from {
-                        self.nodes[to as usize].src = Src::Connected(from);
+                        let n = &mut self.nodes[to as usize];
+                        n.src = Src::Connected { k, peer: from };
+                        n.ups.handle_connected(k as usize, t);
                     }
                 }
                 if let Some(bits) = bits {
@@ -1317,16 +1335,15 @@ impl World {
         }
         if let Src::Trying { k, peer } = n.src {
             if peer == b {
+                // Unreachable or refused, the daemon backs the source off and goes on to the
+                // next one in the same round (`Upstreams`).
+                let now = duration(self.q.now());
                 if timeout {
-                    // Unreachable: the daemon goes on to the next source in the same round.
-                    self.try_source(a, k + 1);
+                    n.ups.handle_unreachable(k as usize, now);
                 } else {
-                    // Connected and refused: the round counts as done; retry later.
-                    let n = &mut self.nodes[a as usize];
-                    n.src = Src::Idle;
-                    let inc = n.inc;
-                    self.q.after(SOURCE_RETRY, Ev::SourceRound { node: a, inc });
+                    n.ups.handle_refused(k as usize, now);
                 }
+                self.try_source(a, k + 1);
             }
         }
     }
@@ -1353,27 +1370,37 @@ impl World {
         if !incomplete || matches!(n.src, Src::Trying { .. } | Src::Done) {
             return;
         }
-        if let Src::Connected(p) = n.src {
-            if self.connected(node, p) {
+        if let Src::Connected { peer, .. } = n.src {
+            if self.connected(node, peer) {
                 return;
             }
         }
         self.try_source(node, 0);
     }
 
-    fn try_source(&mut self, node: u32, k: u32) {
+    /// Dials the first source at or after `from` that is not backed off; when there is none,
+    /// tries again when the first back-off ends (at the earliest in a round).
+    fn try_source(&mut self, node: u32, from: u32) {
+        let now = self.q.now();
         let sources = self.sources_of(node);
-        let Some(&peer) = sources.get(k as usize) else {
-            let n = &mut self.nodes[node as usize];
+        let n = &mut self.nodes[node as usize];
+        if n.ups.len() != sources.len() {
+            n.ups = Upstreams::new(sources.len(), UpstreamBackoff::default());
+        }
+        let Some(k) = n.ups.next(duration(now), from as usize) else {
             n.src = Src::Idle;
             let inc = n.inc;
-            self.q.after(SOURCE_RETRY, Ev::SourceRound { node, inc });
+            let retry = n.ups.next_retry().map_or(0, nanos).saturating_sub(now);
+            self.q.after(retry.max(SOURCE_RETRY), Ev::SourceRound { node, inc });
             return;
         };
+        let (k, peer) = (k as u32, sources[k]);
         self.nodes[node as usize].src = Src::Trying { k, peer };
         self.dial(node, peer);
         if self.connected(node, peer) {
-            self.nodes[node as usize].src = Src::Connected(peer);
+            let n = &mut self.nodes[node as usize];
+            n.src = Src::Connected { k, peer };
+            n.ups.handle_connected(k as usize, duration(now));
         }
     }
 
@@ -1450,6 +1477,7 @@ impl World {
         let n = &mut self.nodes[node as usize];
         n.stage = Stage::Staging;
         n.src = Src::Idle;
+        n.ups = Upstreams::new(0, UpstreamBackoff::default());
         let inc = n.inc;
         let r = usize::from(n.region);
         // Register at the rendezvous (the first live cache; the DHT otherwise), then discover.
@@ -1678,6 +1706,7 @@ impl World {
         n.alive = true;
         n.timer_at = NONE;
         n.src = Src::Idle;
+        n.ups = Upstreams::new(0, UpstreamBackoff::default());
         if n.role != Role::Host {
             return;
         }
