@@ -223,6 +223,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Release keys trusted for registration.
     pub trusted: TrustedKeys,
+    /// What heartbeat session keys are derived from (kept in the store; never logged).
+    pub session_secret: fleetwave_proto::session::CoordinatorSecret,
     tokens: Tokens,
     join_hashes: Vec<String>,
     heartbeat_interval: Duration,
@@ -304,6 +306,7 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         ..FleetConfig::default()
     };
     let fleet = Fleet::open(store.clone(), fleet_config, now())?;
+    let session_secret = store.session_secret().map_err(crate::fleet::FleetError::from)?;
     let mut tokens = Tokens::default();
     for t in &config.tokens {
         tokens.insert(t.sha256.clone(), Principal { name: t.name.clone(), role: t.role.clone() });
@@ -313,6 +316,7 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         store,
         metrics: Metrics::new(),
         trusted,
+        session_secret,
         tokens,
         join_hashes: config.join_token_sha256.clone(),
         heartbeat_interval: config.heartbeat_interval,

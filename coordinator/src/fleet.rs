@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use libp2p_identity::PublicKey;
+use libp2p_identity::{PeerId, PublicKey};
 
 use crate::analysis::{Judge, JudgeConfig, MetricConfig, Sample, Window};
 use crate::analysis_gate::HostCounters;
@@ -144,9 +144,8 @@ pub struct DesiredService {
 #[derive(Debug)]
 struct HostMem {
     record: HostRecord,
-    /// `record.public_key`, decoded once: every heartbeat is verified with it, and decoding an
-    /// ed25519 key is a point decompression (a field exponentiation), a large share of the cost
-    /// of a verification.
+    /// `record.public_key`, decoded once: every session opened is verified with it, and
+    /// decoding an ed25519 key is a point decompression (a field exponentiation).
     key: Option<PublicKey>,
     actual: HostActual,
     /// A report was received since the coordinator started and the host was not lost since:
@@ -181,7 +180,8 @@ pub struct Fleet {
     store: Store,
     config: FleetConfig,
     hosts: BTreeMap<u64, HostMem>,
-    by_peer: HashMap<String, u64>,
+    /// PeerId (as bytes, not base58: looked up on every heartbeat) -> host number.
+    by_peer: HashMap<PeerId, u64>,
     records: BTreeMap<u64, DeploymentRecord>,
     /// Engines: running deployments, and the last one of each service and environment.
     live: BTreeMap<u64, Live>,
@@ -299,7 +299,12 @@ impl Fleet {
             let mut actual = states.get(&record.number).cloned().unwrap_or_default();
             // The coordinator was away: nobody is lost for it until `lost_after` from now.
             actual.seen_ms = ms(now);
-            fleet.by_peer.insert(record.peer_id.clone(), record.number);
+            match record.peer_id.parse::<PeerId>() {
+                Ok(peer) => {
+                    fleet.by_peer.insert(peer, record.number);
+                }
+                Err(_) => tracing::warn!(host = record.number, "stored PeerId does not parse"),
+            }
             let key = PublicKey::try_decode_protobuf(&record.public_key).ok();
             fleet.hosts.insert(record.number, HostMem { record, key, actual, fresh: false });
         }
@@ -406,7 +411,7 @@ impl Fleet {
     pub fn enroll(
         &mut self,
         now: Duration,
-        peer_id: String,
+        peer: PeerId,
         public_key: Vec<u8>,
         region: String,
         environment: String,
@@ -417,7 +422,8 @@ impl Fleet {
                 return Err(FleetError::Invalid(format!("{field} must be 1 to 128 characters")));
             }
         }
-        let number = match self.by_peer.get(&peer_id) {
+        let peer_id = peer.to_base58();
+        let number = match self.by_peer.get(&peer) {
             Some(&n) => n,
             None => self.hosts.keys().next_back().map_or(1, |n| n + 1),
         };
@@ -444,7 +450,7 @@ impl Fleet {
             .remove(&number)
             .map(|h| h.actual)
             .unwrap_or_else(|| HostActual { seen_ms: ms(now), ..HostActual::default() });
-        self.by_peer.insert(peer_id, number);
+        self.by_peer.insert(peer, number);
         let key = PublicKey::try_decode_protobuf(&record.public_key).ok();
         self.hosts.insert(number, HostMem { record: record.clone(), key, actual, fresh: false });
         Ok(record)
@@ -452,18 +458,23 @@ impl Fleet {
 
     /// The enrolled host with this PeerId: its number and public key (`None`: the stored key
     /// does not decode).
-    pub fn host_by_peer(&self, peer_id: &str) -> Option<(u64, Option<PublicKey>)> {
-        let n = *self.by_peer.get(peer_id)?;
+    pub fn host_by_peer(&self, peer: &PeerId) -> Option<(u64, Option<PublicKey>)> {
+        let n = *self.by_peer.get(peer)?;
         self.hosts.get(&n).map(|h| (n, h.key.clone()))
     }
 
-    /// Takes a host's report and answers its desired state.
+    /// Takes the report of the host `peer` (`encoded`: the `HostReport` it was read from,
+    /// stored as it is) and answers its desired state.
     pub fn heartbeat(
         &mut self,
         now: Duration,
-        number: u64,
+        peer: &PeerId,
         mut report: HostActual,
+        encoded: &[u8],
     ) -> Result<Vec<DesiredService>, FleetError> {
+        let Some(&number) = self.by_peer.get(peer) else {
+            return Err(FleetError::NotFound { what: format!("host {peer}") });
+        };
         let Some(host) = self.hosts.get_mut(&number) else {
             return Err(FleetError::NotFound { what: format!("host #{number}") });
         };
@@ -472,24 +483,31 @@ impl Fleet {
         }
         report.seen_ms = ms(now);
         report.lost = false;
-        let prev = if host.fresh && !host.actual.lost { Some(host.actual.clone()) } else { None };
+        let before = std::mem::replace(&mut host.actual, report);
+        let prev = if host.fresh && !before.lost { Some(before) } else { None };
         host.fresh = true;
-        host.actual = report.clone();
-        let environment = host.record.environment.clone();
-        self.store.put_host_state(number, &report)?;
+        self.store.put_host_report(number, encoded, &host.actual)?;
+        let environment = &host.record.environment;
         let ids: Vec<u64> = self
             .current
             .iter()
-            .filter(|((_, env), _)| *env == environment)
+            .filter(|((_, env), _)| env == environment)
             .map(|(_, &id)| id)
             .collect();
         for id in ids {
-            let Some(live) = self.live.get(&id) else { continue };
-            if live.engine.host(HostId(number)).is_err() {
-                continue;
-            }
-            let events =
-                host_events(prev.as_ref(), &report, live.engine.service(), live.engine.target());
+            let events = {
+                let Some(live) = self.live.get(&id) else { continue };
+                if live.engine.host(HostId(number)).is_err() {
+                    continue;
+                }
+                let Some(host) = self.hosts.get(&number) else { continue };
+                host_events(
+                    prev.as_ref(),
+                    &host.actual,
+                    live.engine.service(),
+                    live.engine.target(),
+                )
+            };
             for event in events {
                 self.input(id, now, Input::Host { host: number, event })?;
             }

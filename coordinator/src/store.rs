@@ -2,16 +2,27 @@
 //!
 //! # Trees
 //!
-//! | tree          | key                                  | value (JSON)        |
+//! | tree          | key                                  | value               |
 //! |---------------|--------------------------------------|---------------------|
-//! | `meta`        | `"schema"`                           | [`SCHEMA`]          |
+//! | `meta`        | `"schema"`                           | [`SCHEMA`] (JSON)   |
+//! | `meta`        | `"session_secret"`                   | 32 random bytes     |
 //! | `hosts`       | host number (u64 big endian)         | [`HostRecord`]      |
-//! | `host_state`  | host number                          | [`HostActual`]      |
+//! | `host_state`  | host number                          | `StoredHostState`   |
 //! | `versions`    | `service \0 version`                 | [`VersionRecord`]   |
 //! | `deployments` | deployment id (u64 big endian)       | [`DeploymentRecord`]|
 //! | `log`         | deployment id, sequence (u64 BE x 2) | [`LogEntry`]        |
 //! | `audit`       | time in ms, sequence (u64 BE x 2)    | [`AuditEntry`]      |
 //! | `tokens`      | SHA-256 of the token (hex)           | [`TokenRecord`]     |
+//!
+//! Values are JSON, except in `host_state`: every heartbeat writes one, so it is protobuf
+//! (`fleetwave.v1.StoredHostState`: the report as the host encoded it, the time it was seen,
+//! the lost flag), written without encoding the report again. A store of schema 1 (JSON host
+//! states) is converted when it is opened.
+//!
+//! `session_secret` is the key every heartbeat session key is derived from
+//! (`fleetwave_proto::session`); deleting it (coordinator stopped) ends every session, and the
+//! hosts open new ones. Whoever can read the store can forge heartbeats, as whoever can write
+//! it can rewrite the fleet's state: keep the data directory private.
 //!
 //! Writes go to sled's log; [`Store::commit`] makes everything written before it durable
 //! (fsync). Callers write, commit, and only then act (answer a heartbeat with a new desired
@@ -21,14 +32,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use fleetwave_proto::session::{CoordinatorSecret, KEY_LEN};
+use fleetwave_proto::v1 as pb;
+use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::rollout::{HostEvent, ManifestId, Operator, Snapshot, Verdict};
 
-/// Version of the stored format; a store of another version is refused.
-pub const SCHEMA: u32 = 1;
+/// Version of the stored format; a store of another version is refused (schema 1, whose host
+/// states are JSON, is converted).
+pub const SCHEMA: u32 = 2;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +103,172 @@ pub struct HostActual {
     pub stage_failed: Vec<ManifestId>,
     /// The daemon's version.
     pub agent_version: String,
+}
+
+/// A report does not fit the coordinator's limits or types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// A list is longer than allowed.
+    #[error("too many {what} in the report (at most {max})")]
+    TooMany {
+        /// What.
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
+    /// A string is longer than 128 bytes.
+    #[error("{field} is longer than 128 bytes")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+    },
+    /// A manifest id is not 32 bytes.
+    #[error("{field}: a manifest id is 32 bytes")]
+    ManifestId {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+/// Most services in a report.
+pub const MAX_SERVICES: usize = 256;
+/// Most manifests in a report's staged and failed lists.
+pub const MAX_MANIFESTS: usize = 1024;
+/// Most latency buckets of a service.
+pub const MAX_BUCKETS: usize = 64;
+/// Longest string in a report.
+pub const MAX_STRING: usize = 128;
+
+fn manifest_of(bytes: &[u8], field: &'static str) -> Result<Option<ManifestId>, ReportError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| ReportError::ManifestId { field })?;
+    Ok(Some(ManifestId(arr)))
+}
+
+fn health_of(value: i32) -> Option<bool> {
+    match pb::HealthState::try_from(value) {
+        Ok(pb::HealthState::Healthy) => Some(true),
+        Ok(pb::HealthState::Unhealthy) => Some(false),
+        _ => None,
+    }
+}
+
+fn health_to(value: Option<bool>) -> i32 {
+    match value {
+        Some(true) => pb::HealthState::Healthy as i32,
+        Some(false) => pb::HealthState::Unhealthy as i32,
+        None => pb::HealthState::Unspecified as i32,
+    }
+}
+
+fn short(field: &'static str, s: &str) -> Result<(), ReportError> {
+    if s.len() > MAX_STRING {
+        return Err(ReportError::TooLong { field });
+    }
+    Ok(())
+}
+
+impl TryFrom<&pb::HostReport> for HostActual {
+    type Error = ReportError;
+
+    /// The coordinator's record of a report, checking its limits (`seen_ms` and `lost` are
+    /// left for the caller).
+    fn try_from(report: &pb::HostReport) -> Result<Self, ReportError> {
+        if report.services.len() > MAX_SERVICES {
+            return Err(ReportError::TooMany { what: "services", max: MAX_SERVICES });
+        }
+        if report.staged.len() + report.stage_failed.len() > MAX_MANIFESTS {
+            return Err(ReportError::TooMany { what: "manifests", max: MAX_MANIFESTS });
+        }
+        short("agent_version", &report.agent_version)?;
+        let mut services = Vec::with_capacity(report.services.len());
+        for s in &report.services {
+            short("service", &s.service)?;
+            let (requests, errors, latency_buckets) = match &s.counters {
+                Some(c) => {
+                    if c.latency_buckets.len() > MAX_BUCKETS {
+                        return Err(ReportError::TooMany {
+                            what: "latency buckets",
+                            max: MAX_BUCKETS,
+                        });
+                    }
+                    (c.requests, c.errors, c.latency_buckets.clone())
+                }
+                None => (0, 0, Vec::new()),
+            };
+            services.push(ServiceActual {
+                service: s.service.clone(),
+                active: manifest_of(&s.active, "active")?,
+                standby: manifest_of(&s.standby, "standby")?,
+                healthy: health_of(s.health),
+                standby_healthy: health_of(s.standby_health),
+                activation_failed: manifest_of(&s.activation_failed, "activation_failed")?,
+                requests,
+                errors,
+                latency_buckets,
+            });
+        }
+        let ids = |list: &[Vec<u8>], field| -> Result<Vec<ManifestId>, ReportError> {
+            list.iter().filter_map(|b| manifest_of(b, field).transpose()).collect()
+        };
+        Ok(HostActual {
+            sequence: report.sequence,
+            seen_ms: 0,
+            lost: false,
+            services,
+            staged: ids(&report.staged, "staged")?,
+            stage_failed: ids(&report.stage_failed, "stage_failed")?,
+            agent_version: report.agent_version.clone(),
+        })
+    }
+}
+
+impl HostActual {
+    /// The report this record was read from (its time stamp aside).
+    pub fn to_report(&self) -> pb::HostReport {
+        let id = |m: &Option<ManifestId>| m.map(|m| m.0.to_vec()).unwrap_or_default();
+        pb::HostReport {
+            sequence: self.sequence,
+            timestamp_ms: 0,
+            services: self
+                .services
+                .iter()
+                .map(|s| pb::ServiceReport {
+                    service: s.service.clone(),
+                    active: id(&s.active),
+                    standby: id(&s.standby),
+                    health: health_to(s.healthy),
+                    standby_health: health_to(s.standby_healthy),
+                    activation_failed: id(&s.activation_failed),
+                    counters: Some(pb::RequestCounters {
+                        requests: s.requests,
+                        errors: s.errors,
+                        latency_buckets: s.latency_buckets.clone(),
+                    }),
+                })
+                .collect(),
+            staged: self.staged.iter().map(|m| m.0.to_vec()).collect(),
+            stage_failed: self.stage_failed.iter().map(|m| m.0.to_vec()).collect(),
+            agent_version: self.agent_version.clone(),
+        }
+    }
+}
+
+fn encode_state(report: &[u8], seen_ms: u64, lost: bool) -> Vec<u8> {
+    pb::StoredHostState { report: report.to_vec(), seen_ms, lost }.encode_to_vec()
+}
+
+fn decode_state(bytes: &[u8]) -> Result<HostActual, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { tree: "host_state", reason };
+    let state = pb::StoredHostState::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let report =
+        pb::HostReport::decode(state.report.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+    let mut actual = HostActual::try_from(&report).map_err(|e| corrupt(e.to_string()))?;
+    actual.seen_ms = state.seen_ms;
+    actual.lost = state.lost;
+    Ok(actual)
 }
 
 /// One service on a host, as reported.
@@ -321,10 +502,15 @@ impl Store {
     pub fn open(dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
         let meta = db.open_tree("meta")?;
+        let host_state = db.open_tree("host_state")?;
         match meta.get("schema")? {
             Some(v) => {
                 let found: u32 = decode("meta", &v)?;
-                if found != SCHEMA {
+                if found == 1 {
+                    Self::convert_host_states(&host_state)?;
+                    meta.insert("schema", encode(&SCHEMA))?;
+                    db.flush()?;
+                } else if found != SCHEMA {
                     return Err(StoreError::Schema { found });
                 }
             }
@@ -335,7 +521,7 @@ impl Store {
         }
         Ok(Self {
             hosts: db.open_tree("hosts")?,
-            host_state: db.open_tree("host_state")?,
+            host_state,
             versions: db.open_tree("versions")?,
             deployments: db.open_tree("deployments")?,
             log: db.open_tree("log")?,
@@ -344,6 +530,34 @@ impl Store {
             commits: Arc::default(),
             db,
         })
+    }
+
+    /// Schema 1 to 2: JSON host states to `StoredHostState`.
+    fn convert_host_states(tree: &sled::Tree) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let actual: HostActual = decode("host_state", &v)?;
+            let report = actual.to_report().encode_to_vec();
+            batch.insert(k, encode_state(&report, actual.seen_ms, actual.lost));
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The secret heartbeat session keys are derived from, made (and made durable) the first
+    /// time it is asked for.
+    pub fn session_secret(&self) -> Result<CoordinatorSecret, StoreError> {
+        let meta = self.db.open_tree("meta")?;
+        let bad = || StoreError::Corrupt { tree: "meta", reason: "session secret".into() };
+        if let Some(v) = meta.get("session_secret")? {
+            let bytes: [u8; KEY_LEN] = v.as_ref().try_into().map_err(|_| bad())?;
+            return Ok(CoordinatorSecret::new(&bytes));
+        }
+        let bytes = CoordinatorSecret::generate().map_err(|_| bad())?;
+        meta.insert("session_secret", bytes.to_vec())?;
+        self.db.flush()?;
+        Ok(CoordinatorSecret::new(&bytes))
     }
 
     /// Runs the group committer until the store is dropped by every other holder. Spawn it
@@ -422,15 +636,27 @@ impl Store {
                 let number = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| {
                     StoreError::Corrupt { tree: "host_state", reason: "bad key".into() }
                 })?);
-                Ok((number, decode("host_state", &v)?))
+                Ok((number, decode_state(&v)?))
             })
             .collect()
     }
 
-    /// Writes a host's last report.
-    pub fn put_host_state(&self, number: u64, actual: &HostActual) -> Result<(), StoreError> {
-        self.host_state.insert(number.to_be_bytes(), encode(actual))?;
+    /// Writes a host's last report: `report` is the encoded `HostReport` `actual` was read
+    /// from (stored as it is, not encoded again).
+    pub fn put_host_report(
+        &self,
+        number: u64,
+        report: &[u8],
+        actual: &HostActual,
+    ) -> Result<(), StoreError> {
+        self.host_state
+            .insert(number.to_be_bytes(), encode_state(report, actual.seen_ms, actual.lost))?;
         Ok(())
+    }
+
+    /// Writes a host's state (encoding its report from `actual`).
+    pub fn put_host_state(&self, number: u64, actual: &HostActual) -> Result<(), StoreError> {
+        self.put_host_report(number, &actual.to_report().encode_to_vec(), actual)
     }
 
     // ---- registry
@@ -657,6 +883,71 @@ mod tests {
         assert_eq!(store.audit_range(0, 100, Some("web"), 10).expect("q").len(), 2);
         assert_eq!(store.audit_range(15, 100, None, 10).expect("q").len(), 1);
         assert_eq!(store.audit_range(0, 100, None, 2).expect("q").len(), 2);
+    }
+
+    fn actual() -> HostActual {
+        HostActual {
+            sequence: 9,
+            seen_ms: 1_234,
+            lost: true,
+            services: vec![ServiceActual {
+                service: "web".into(),
+                active: Some(ManifestId([1; 32])),
+                standby: None,
+                healthy: Some(true),
+                standby_healthy: Some(false),
+                activation_failed: Some(ManifestId([2; 32])),
+                requests: 100,
+                errors: 3,
+                latency_buckets: vec![1, 2, 3],
+            }],
+            staged: vec![ManifestId([3; 32])],
+            stage_failed: vec![ManifestId([4; 32])],
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn host_states_round_trip_in_protobuf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store.put_host_state(5, &actual()).expect("put");
+        let report = actual().to_report().encode_to_vec();
+        let fresh = HostActual { lost: false, ..actual() };
+        store.put_host_report(6, &report, &fresh).expect("put");
+        assert_eq!(store.host_states().expect("states"), vec![(5, actual()), (6, fresh)]);
+    }
+
+    #[test]
+    fn a_schema_1_store_is_converted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = sled::open(dir.path()).expect("sled");
+            db.open_tree("meta").expect("meta").insert("schema", b"1".to_vec()).expect("put");
+            let json = serde_json::to_vec(&actual()).expect("json");
+            db.open_tree("host_state")
+                .expect("tree")
+                .insert(7u64.to_be_bytes(), json)
+                .expect("put");
+            db.flush().expect("flush");
+        }
+        {
+            let store = Store::open(dir.path()).expect("open converts");
+            assert_eq!(store.host_states().expect("states"), vec![(7, actual())]);
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.host_states().expect("states"), vec![(7, actual())]);
+    }
+
+    #[test]
+    fn the_session_secret_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mac = |store: &Store| {
+            let secret = store.session_secret().expect("secret");
+            fleetwave_proto::session::SessionKey::derive(&secret, b"peer", 1).mac(b"r")
+        };
+        let first = mac(&Store::open(dir.path()).expect("open"));
+        assert_eq!(mac(&Store::open(dir.path()).expect("reopen")), first);
     }
 
     #[test]

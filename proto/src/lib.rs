@@ -15,13 +15,13 @@ pub mod v1 {
     include!("gen/fleetwave.v1.rs");
 }
 
-/// The bytes a host signs with its identity key when it talks to the coordinator (see
-/// `coordinator.proto`).
+pub mod session;
+
+/// The bytes a host signs with its identity key to enroll with the coordinator (see
+/// `coordinator.proto`; heartbeats are authenticated by a [`session`]).
 pub mod signing {
     /// Domain of an enrollment signature.
     pub const ENROLL_DOMAIN: &[u8] = b"fleetwave-enroll-v1";
-    /// Domain of a heartbeat signature.
-    pub const HEARTBEAT_DOMAIN: &[u8] = b"fleetwave-heartbeat-v1";
 
     fn put_str(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());
@@ -41,14 +41,6 @@ pub mod signing {
             put_str(&mut out, s);
         }
         out.extend_from_slice(&timestamp_ms.to_le_bytes());
-        out
-    }
-
-    /// What a `SignedHeartbeat`'s signature covers: the encoded report.
-    pub fn heartbeat_message(report: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEARTBEAT_DOMAIN.len() + report.len());
-        out.extend_from_slice(HEARTBEAT_DOMAIN);
-        out.extend_from_slice(report);
         out
     }
 }

@@ -4,13 +4,14 @@
 //! Two modes:
 //!
 //! - **load** (default): generates `--hosts` ed25519 identities (default 50,000), enrolls them
-//!   all (`--enroll-concurrency` requests in flight), then sends heartbeats open loop at
+//!   all (`--enroll-concurrency` requests in flight), opens a heartbeat session for each (as
+//!   many in flight), then sends heartbeats open loop at
 //!   `--rate` per second (default 10,000: every host every 5 s) for `--duration` seconds
 //!   (default 30) over `--connections` tonic channels (default 32). Host `i` of the schedule is
 //!   `i mod hosts`; its report grows in sequence, names one or two services (active release,
 //!   health, request counters with a latency histogram) and two or three staged manifests.
-//!   Every heartbeat is signed before the clock starts, so the generator's own CPU goes to
-//!   sending. Latency runs from a request's *scheduled* send time to its answer, so a stalled
+//!   Every heartbeat is authenticated (its MAC under the host's session key) before the clock
+//!   starts, so the generator's own CPU goes to sending. Latency runs from a request's *scheduled* send time to its answer, so a stalled
 //!   coordinator shows up as latency of everything scheduled meanwhile (no coordinated
 //!   omission). With `--pid`, the coordinator's CPU time (user + system, `/proc/PID/stat`) and
 //!   resident memory over the load are printed too. With `--acked FILE`, the highest sequence
@@ -39,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
+use fleetwave_proto::session::{self, Exchange, SessionKey};
 use fleetwave_proto::signing;
 use fleetwave_proto::v1 as pb;
 use fleetwave_proto::v1::node_control_client::NodeControlClient;
@@ -143,8 +145,14 @@ fn manifest(tag: u64) -> Vec<u8> {
     blake3::hash(&tag.to_le_bytes()).as_bytes().to_vec()
 }
 
-/// Host `index`'s `round`-th report, encoded and signed.
-fn heartbeat(host: &Host, index: usize, round: u64, base: u64) -> Result<pb::SignedHeartbeat> {
+/// Host `index`'s `round`-th report, encoded and authenticated under `session`.
+fn heartbeat(
+    host: &Host,
+    session: &(u64, SessionKey),
+    index: usize,
+    round: u64,
+    base: u64,
+) -> pb::HeartbeatRequest {
     let requests = 1_000 * (round + 1) + index as u64 % 97;
     let services = (0..host.services)
         .map(|s| pb::ServiceReport {
@@ -171,8 +179,8 @@ fn heartbeat(host: &Host, index: usize, round: u64, base: u64) -> Result<pb::Sig
         agent_version: env!("CARGO_PKG_VERSION").into(),
     }
     .encode_to_vec();
-    let signature = host.keypair.sign(&signing::heartbeat_message(&report))?;
-    Ok(pb::SignedHeartbeat { peer_id: host.peer_id.clone(), report, signature })
+    let mac = session.1.mac(&report).to_vec();
+    pb::HeartbeatRequest { peer_id: host.peer_id.clone(), report, session: session.0, mac }
 }
 
 /// CPU time (user + system) and resident set of a process.
@@ -343,30 +351,73 @@ async fn run(args: Args) -> Result<()> {
     );
     ensure!(enroll.error_count() == 0, "enrollment failed: {:?}", enroll.errors);
 
+    // A heartbeat session per host.
+    let started = Instant::now();
+    let sessions: Vec<Result<(u64, SessionKey), String>> = futures::stream::iter(0..hosts.len())
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let hosts = hosts.clone();
+            async move {
+                let host = &hosts[i];
+                let exchange = Exchange::new().map_err(|e| e.to_string())?;
+                let timestamp_ms = now_ms();
+                let message =
+                    session::open_message(&host.peer_id, exchange.public_key(), timestamp_ms);
+                let signature = host.keypair.sign(&message).map_err(|e| e.to_string())?;
+                let answer = client
+                    .open_session(pb::OpenSessionRequest {
+                        peer_id: host.peer_id.clone(),
+                        exchange_key: exchange.public_key().to_vec(),
+                        timestamp_ms,
+                        signature,
+                    })
+                    .await
+                    .map_err(|s| code(&s))?
+                    .into_inner();
+                let key = exchange
+                    .open(&host.peer_id, answer.session, &answer.exchange_key, &answer.sealed_key)
+                    .map_err(|e| e.to_string())?;
+                Ok((answer.session, key))
+            }
+        })
+        .buffered(args.enroll_concurrency)
+        .collect()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let failed = sessions.iter().filter(|s| s.is_err()).count();
+    println!(
+        "sessions opened: {} in {secs:.2} s ({:.0}/s), failed {failed}",
+        sessions.len() - failed,
+        (sessions.len() - failed) as f64 / secs
+    );
+    let sessions: Vec<(u64, SessionKey)> =
+        sessions.into_iter().collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!(e))?;
+
     // Every heartbeat of the run, signed ahead (on every core).
     let total = args.rate * args.duration.as_secs();
     let base = now_ms();
     let started = Instant::now();
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let n = hosts.len();
-    let signed: Vec<pb::SignedHeartbeat> = std::thread::scope(|scope| {
+    let signed: Vec<pb::HeartbeatRequest> = std::thread::scope(|scope| {
         let parts: Vec<_> = (0..threads)
             .map(|t| {
-                let hosts = &hosts;
+                let (hosts, sessions) = (&hosts, &sessions);
                 scope.spawn(move || {
                     (0..total)
                         .filter(|k| (*k as usize) % threads == t)
                         .map(|k| {
                             let index = (k as usize) % n;
-                            heartbeat(&hosts[index], index, k / n as u64 + 1, base)
+                            let round = k / n as u64 + 1;
+                            heartbeat(&hosts[index], &sessions[index], index, round, base)
                         })
-                        .collect::<Result<Vec<_>>>()
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
         let mut parts = parts
             .into_iter()
-            .map(|p| p.join().map_err(|_| anyhow::anyhow!("a signing thread panicked"))?)
+            .map(|p| p.join().map_err(|_| anyhow::anyhow!("a signing thread panicked")))
             .collect::<Result<Vec<_>>>()?;
         // Interleave back into schedule order.
         let mut out = Vec::with_capacity(total as usize);
@@ -378,7 +429,7 @@ async fn run(args: Args) -> Result<()> {
     })?;
     let bytes: usize = signed.iter().map(|h| h.encoded_len()).sum();
     println!(
-        "heartbeats signed: {} ({} B average) in {:.2} s",
+        "heartbeats authenticated: {} ({} B average) in {:.2} s",
         signed.len(),
         bytes / signed.len().max(1),
         started.elapsed().as_secs_f64()

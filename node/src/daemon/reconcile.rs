@@ -4,9 +4,15 @@
 //! The loop enrolls with the join token (retrying with backoff while the coordinator is away),
 //! then heartbeats every interval the coordinator asks for, and at once after an activation
 //! or staging it started has finished, so a wave moves at the speed of the hosts, not of the
-//! interval. Each heartbeat is signed with the host's identity key and carries a sequence that
-//! grows (the time in milliseconds, or the last one plus one), so a restarted host is heard
-//! and a replayed report is not.
+//! interval. Heartbeats are authenticated by a session (`fleetwave_proto::session`): the host
+//! proves its identity key once when it opens one, and each heartbeat then carries the
+//! session id and a MAC of the report under the session key (which lives in this process's
+//! memory only, and is never logged). The host opens the next session at a random point
+//! between 75% and 90% of the current one's lifetime (so hosts that started together do not
+//! all renew together), and at once when a heartbeat is refused `UNAUTHENTICATED`; when the
+//! coordinator refuses to open one because it does not know the host, the host enrolls
+//! again. Each report carries a sequence that grows (the time in milliseconds, or the last
+//! one plus one), so a restarted host is heard and a replayed report is not.
 //!
 //! Reconciling is idempotent: for each service in the answer, a release to stage that is not
 //! staged (or staging) is staged; a release to run that is not active is staged first if
@@ -20,10 +26,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetwave_chunker::ManifestId;
+use fleetwave_proto::session::{self, Exchange, SessionKey};
 use fleetwave_proto::signing;
 use fleetwave_proto::v1 as pb;
 use fleetwave_proto::v1::node_control_client::NodeControlClient;
 use prost::Message;
+use rand::Rng;
 use tokio::sync::Notify;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -53,12 +61,23 @@ fn host_name() -> String {
         .unwrap_or_else(|| "host".into())
 }
 
+/// An open heartbeat session.
+struct Session {
+    id: u64,
+    key: SessionKey,
+    /// When to open the next one.
+    renew_at: tokio::time::Instant,
+    /// A heartbeat was answered under it.
+    heard: bool,
+}
+
 struct Reconciler {
     inner: Arc<Inner>,
     config: CoordinatorSection,
     token: String,
     client: NodeControlClient<Channel>,
     sequence: u64,
+    session: Option<Session>,
     /// Services with an activation running.
     activating: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Something finished: heartbeat now.
@@ -95,6 +114,7 @@ pub(super) async fn run(inner: Arc<Inner>, config: CoordinatorSection) {
         token,
         client,
         sequence: 0,
+        session: None,
         activating: Default::default(),
         wake: Arc::new(Notify::new()),
     };
@@ -125,17 +145,42 @@ impl Reconciler {
                     }
                 }
             }
+            let renew =
+                self.session.as_ref().is_none_or(|s| tokio::time::Instant::now() >= s.renew_at);
+            if renew {
+                match self.open_session().await {
+                    Ok(every) => interval = every,
+                    Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                        warn!(
+                            message = status.message(),
+                            "the coordinator refuses a session; enrolling again"
+                        );
+                        enrolled = false;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                    Err(status) => {
+                        debug!(code = ?status.code(), message = status.message(), "cannot open a session");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
             match self.heartbeat().await {
                 Ok(every) => {
                     interval = every;
                     backoff = Duration::from_millis(200);
                 }
                 Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                    warn!(
-                        message = status.message(),
-                        "the coordinator does not know this host; enrolling again"
-                    );
-                    enrolled = false;
+                    warn!(message = status.message(), "heartbeat refused; opening a new session");
+                    // A session that was heard is replaced at once; one refused from the
+                    // start waits (something else is wrong: do not spin).
+                    if !self.session.take().is_some_and(|s| s.heard) {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
                     continue;
                 }
                 Err(status) => {
@@ -178,6 +223,42 @@ impl Reconciler {
             .await?
             .into_inner();
         info!(url = %self.config.url, host_id = %answer.host_id, %region, %environment, "enrolled with the coordinator");
+        Ok(clamp(answer.heartbeat_interval_ms))
+    }
+
+    /// Opens a heartbeat session (see the module docs).
+    async fn open_session(&mut self) -> Result<Duration, tonic::Status> {
+        let keypair = &self.inner.keypair;
+        let peer_id = keypair.public().to_peer_id().to_bytes();
+        let exchange = Exchange::new()
+            .map_err(|e| tonic::Status::internal(format!("cannot open a session: {e}")))?;
+        let timestamp_ms = now_ms();
+        let message = session::open_message(&peer_id, exchange.public_key(), timestamp_ms);
+        let signature = keypair
+            .sign(&message)
+            .map_err(|e| tonic::Status::internal(format!("cannot sign: {e}")))?;
+        let answer = self
+            .client
+            .open_session(pb::OpenSessionRequest {
+                peer_id: peer_id.clone(),
+                exchange_key: exchange.public_key().to_vec(),
+                timestamp_ms,
+                signature,
+            })
+            .await?
+            .into_inner();
+        let key = exchange
+            .open(&peer_id, answer.session, &answer.exchange_key, &answer.sealed_key)
+            .map_err(|e| tonic::Status::internal(format!("session answer: {e}")))?;
+        let lifetime = Duration::from_millis(answer.expires_in_ms);
+        let renew_after = lifetime.mul_f64(rand::thread_rng().gen_range(0.75..0.9));
+        debug!(session = answer.session, lifetime_ms = answer.expires_in_ms, "session opened");
+        self.session = Some(Session {
+            id: answer.session,
+            key,
+            renew_at: tokio::time::Instant::now() + renew_after,
+            heard: false,
+        });
         Ok(clamp(answer.heartbeat_interval_ms))
     }
 
@@ -244,20 +325,19 @@ impl Reconciler {
 
     async fn heartbeat(&mut self) -> Result<Duration, tonic::Status> {
         let report = self.report().encode_to_vec();
-        let signature = self
-            .inner
-            .keypair
-            .sign(&signing::heartbeat_message(&report))
-            .map_err(|e| tonic::Status::internal(format!("cannot sign: {e}")))?;
-        let answer = self
-            .client
-            .heartbeat(pb::SignedHeartbeat {
-                peer_id: self.inner.keypair.public().to_peer_id().to_bytes(),
-                report,
-                signature,
-            })
-            .await?
-            .into_inner();
+        let Some(session) = &self.session else {
+            return Err(tonic::Status::unauthenticated("no session"));
+        };
+        let request = pb::HeartbeatRequest {
+            peer_id: self.inner.keypair.public().to_peer_id().to_bytes(),
+            mac: session.key.mac(&report).to_vec(),
+            session: session.id,
+            report,
+        };
+        let answer = self.client.heartbeat(request).await?.into_inner();
+        if let Some(s) = &mut self.session {
+            s.heard = true;
+        }
         for desired in answer.desired {
             self.reconcile(desired).await;
         }

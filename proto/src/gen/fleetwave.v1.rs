@@ -326,18 +326,62 @@ pub struct EnrollResponse {
     #[prost(uint32, tag = "2")]
     pub heartbeat_interval_ms: u32,
 }
-/// A heartbeat: the encoded `HostReport` and the identity key's signature over
-/// "fleetwave-heartbeat-v1" || report.
+/// Opens a heartbeat session. Replaying a captured request gains nothing: the answer's session
+/// key is sealed to `exchange_key`, whose private half never left the host.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct SignedHeartbeat {
+pub struct OpenSessionRequest {
+    /// The host's PeerId (bytes); it must be enrolled.
+    #[prost(bytes = "vec", tag = "1")]
+    pub peer_id: ::prost::alloc::vec::Vec<u8>,
+    /// A fresh X25519 public key (32 bytes), used for this request only.
+    #[prost(bytes = "vec", tag = "2")]
+    pub exchange_key: ::prost::alloc::vec::Vec<u8>,
+    /// Milliseconds since the Unix epoch when the request was made (within 5 minutes of the
+    /// coordinator's clock).
+    #[prost(uint64, tag = "3")]
+    pub timestamp_ms: u64,
+    /// Signature by the identity key over "fleetwave-open-session-v1" || peer_id ||
+    /// exchange_key || timestamp_ms (little endian), each byte string prefixed by its length as
+    /// a little-endian u32 (`fleetwave_proto::session::open_message`).
+    #[prost(bytes = "vec", tag = "4")]
+    pub signature: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OpenSessionResponse {
+    /// The session's id: when it expires, in milliseconds since the Unix epoch on the
+    /// coordinator's clock. Heartbeats name it.
+    #[prost(uint64, tag = "1")]
+    pub session: u64,
+    /// How long from now the session lasts (the host counts it on its own clock).
+    #[prost(uint64, tag = "2")]
+    pub expires_in_ms: u64,
+    /// The coordinator's X25519 public key for this answer (32 bytes).
+    #[prost(bytes = "vec", tag = "3")]
+    pub exchange_key: ::prost::alloc::vec::Vec<u8>,
+    /// The 32-byte session key, sealed with ChaCha20-Poly1305 under a key derived by
+    /// HKDF-SHA256 from the X25519 shared secret and the transcript (48 bytes: key and tag).
+    #[prost(bytes = "vec", tag = "4")]
+    pub sealed_key: ::prost::alloc::vec::Vec<u8>,
+    /// How often to heartbeat.
+    #[prost(uint32, tag = "5")]
+    pub heartbeat_interval_ms: u32,
+}
+/// A heartbeat: the encoded `HostReport`, authenticated with the session key.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HeartbeatRequest {
     /// The host's PeerId (bytes).
     #[prost(bytes = "vec", tag = "1")]
     pub peer_id: ::prost::alloc::vec::Vec<u8>,
     /// An encoded `HostReport`.
     #[prost(bytes = "vec", tag = "2")]
     pub report: ::prost::alloc::vec::Vec<u8>,
-    #[prost(bytes = "vec", tag = "3")]
-    pub signature: ::prost::alloc::vec::Vec<u8>,
+    /// The session (`OpenSessionResponse.session`).
+    #[prost(uint64, tag = "4")]
+    pub session: u64,
+    /// HMAC-SHA256 of `report` under HMAC-SHA256(session key, "fleetwave-heartbeat-v2") (32
+    /// bytes).
+    #[prost(bytes = "vec", tag = "5")]
+    pub mac: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HostReport {
@@ -418,6 +462,21 @@ pub struct DesiredService {
     /// Release to stage ahead; empty: none.
     #[prost(bytes = "vec", tag = "4")]
     pub stage: ::prost::alloc::vec::Vec<u8>,
+}
+/// Storage, not wire: the coordinator's record of a host's last report (sled tree
+/// `host_state`). The report is kept as the host encoded it, so a heartbeat is stored without
+/// being encoded again.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StoredHostState {
+    /// The encoded `HostReport`, as received.
+    #[prost(bytes = "vec", tag = "1")]
+    pub report: ::prost::alloc::vec::Vec<u8>,
+    /// When the coordinator received it (ms since the Unix epoch).
+    #[prost(uint64, tag = "2")]
+    pub seen_ms: u64,
+    /// Marked lost (missed heartbeats) since.
+    #[prost(bool, tag = "3")]
+    pub lost: bool,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -561,10 +620,35 @@ pub mod node_control_client {
                 .insert(GrpcMethod::new("fleetwave.v1.NodeControl", "Enroll"));
             self.inner.unary(req, path, codec).await
         }
+        /// Open a heartbeat session (proves the identity key; answers a sealed session key).
+        pub async fn open_session(
+            &mut self,
+            request: impl tonic::IntoRequest<super::OpenSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OpenSessionResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/fleetwave.v1.NodeControl/OpenSession",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("fleetwave.v1.NodeControl", "OpenSession"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Report actual state; the answer is the host's desired state.
         pub async fn heartbeat(
             &mut self,
-            request: impl tonic::IntoRequest<super::SignedHeartbeat>,
+            request: impl tonic::IntoRequest<super::HeartbeatRequest>,
         ) -> std::result::Result<
             tonic::Response<super::HeartbeatResponse>,
             tonic::Status,
@@ -606,10 +690,18 @@ pub mod node_control_server {
             &self,
             request: tonic::Request<super::EnrollRequest>,
         ) -> std::result::Result<tonic::Response<super::EnrollResponse>, tonic::Status>;
+        /// Open a heartbeat session (proves the identity key; answers a sealed session key).
+        async fn open_session(
+            &self,
+            request: tonic::Request<super::OpenSessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::OpenSessionResponse>,
+            tonic::Status,
+        >;
         /// Report actual state; the answer is the host's desired state.
         async fn heartbeat(
             &self,
-            request: tonic::Request<super::SignedHeartbeat>,
+            request: tonic::Request<super::HeartbeatRequest>,
         ) -> std::result::Result<
             tonic::Response<super::HeartbeatResponse>,
             tonic::Status,
@@ -736,12 +828,57 @@ pub mod node_control_server {
                     };
                     Box::pin(fut)
                 }
+                "/fleetwave.v1.NodeControl/OpenSession" => {
+                    #[allow(non_camel_case_types)]
+                    struct OpenSessionSvc<T: NodeControl>(pub Arc<T>);
+                    impl<
+                        T: NodeControl,
+                    > tonic::server::UnaryService<super::OpenSessionRequest>
+                    for OpenSessionSvc<T> {
+                        type Response = super::OpenSessionResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::OpenSessionRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeControl>::open_session(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = OpenSessionSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
                 "/fleetwave.v1.NodeControl/Heartbeat" => {
                     #[allow(non_camel_case_types)]
                     struct HeartbeatSvc<T: NodeControl>(pub Arc<T>);
                     impl<
                         T: NodeControl,
-                    > tonic::server::UnaryService<super::SignedHeartbeat>
+                    > tonic::server::UnaryService<super::HeartbeatRequest>
                     for HeartbeatSvc<T> {
                         type Response = super::HeartbeatResponse;
                         type Future = BoxFuture<
@@ -750,7 +887,7 @@ pub mod node_control_server {
                         >;
                         fn call(
                             &mut self,
-                            request: tonic::Request<super::SignedHeartbeat>,
+                            request: tonic::Request<super::HeartbeatRequest>,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);
                             let fut = async move {
