@@ -28,6 +28,9 @@ pub struct FleetSpec {
     pub lost_after: Duration,
     /// A webhook URL the coordinator posts its decisions to.
     pub webhook: Option<String>,
+    /// The Prometheus page each host scrapes for service `web`'s counters, `{host}` replaced
+    /// by the host's index. Default none: services push their counters.
+    pub scrape_web: Option<String>,
 }
 
 impl Default for FleetSpec {
@@ -37,6 +40,7 @@ impl Default for FleetSpec {
             heartbeat: Duration::from_millis(300),
             lost_after: Duration::from_secs(5),
             webhook: None,
+            scrape_web: None,
         }
     }
 }
@@ -301,6 +305,14 @@ impl LocalFleet {
                     toml_str(&join),
                 ),
             )?;
+            if let Some(url) = &spec.scrape_web {
+                let url = url.replace("{host}", &i.to_string());
+                let entry =
+                    format!("\n[[scrape]]\nservice = \"web\"\nurl = \"{url}\"\nevery = \"1s\"\n");
+                let mut text = std::fs::read_to_string(&hconf)?;
+                text.push_str(&entry);
+                write_config(&hconf, &text)?;
+            }
             hosts.push(Proc::spawn(exe, "node", &name, &hdir, &hconf)?);
         }
         let fleet = LocalFleet {

@@ -381,41 +381,109 @@ fn a_coordinator_killed_mid_rollout_resumes_where_it_was_then_blue_green_switche
     fleet.stop().expect("fleet stops");
 }
 
-/// Plays the service on every host: every 100 ms, pushes the counters of what `current/web`
-/// runs to the host's API: 100 requests, of which 0.5% fail on 1.0.0 and 10% on 1.1.0 (a bad
-/// release that answers 5xx). Stops when `stop` is set.
+/// How the played service hands its counters to its host.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// `POST /v1/services/web/metrics` on the host's API.
+    Push,
+    /// A Prometheus page the host scrapes (`[[scrape]]`).
+    Scrape,
+}
+
+/// Plays the service on every host: every 100 ms, counts what `current/web` runs: 100
+/// requests, of which 0.5% fail on 1.0.0 and 10% on 1.1.0 (a bad release that answers 5xx),
+/// and pushes them to the host's API (`Report::Push`) or keeps them for `counters`
+/// (`Report::Scrape`). Stops when `stop` is set.
 fn play_service(
     hosts: Vec<(PathBuf, String)>,
+    report: Report,
+    counters: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let http = reqwest::blocking::Client::new();
-        let mut counters = vec![(0u64, 0u64, String::new()); hosts.len()];
+        let mut versions = vec![String::new(); hosts.len()];
         let mut tick = 0u64;
         while !stop.load(Ordering::Relaxed) && tick < 20_000 {
             tick += 1;
             for (i, (dir, api)) in hosts.iter().enumerate() {
                 let version =
                     std::fs::read_to_string(dir.join("current/web/VERSION")).unwrap_or_default();
-                let c = &mut counters[i];
-                if c.2 != version {
-                    // A new release starts counting from zero.
-                    *c = (0, 0, version.clone());
+                let c = {
+                    let mut all = counters.lock().expect("lock");
+                    if versions[i] != version {
+                        // A new release starts counting from zero.
+                        all[i] = (0, 0);
+                        versions[i] = version.clone();
+                    }
+                    if version.is_empty() {
+                        continue;
+                    }
+                    let bad =
+                        if version == "1.1.0" { 10 } else { u64::from(tick.is_multiple_of(2)) };
+                    all[i].0 += 100;
+                    all[i].1 += bad;
+                    all[i]
+                };
+                if report == Report::Push {
+                    let _ = http
+                        .post(format!("http://{api}/v1/services/web/metrics"))
+                        .json(&serde_json::json!({"requests": c.0, "errors": c.1}))
+                        .send();
                 }
-                if version.is_empty() {
-                    continue;
-                }
-                c.0 += 100;
-                let bad = if version == "1.1.0" { 10 } else { u64::from(tick.is_multiple_of(2)) };
-                c.1 += bad;
-                let _ = http
-                    .post(format!("http://{api}/v1/services/web/metrics"))
-                    .json(&serde_json::json!({"requests": c.0, "errors": c.1}))
-                    .send();
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     })
+}
+
+/// Serves `GET /host-N/metrics` on 127.0.0.1: host N's counters as a Prometheus page (200s
+/// and 503s of `http_requests_total`, among other series). Returns the URL template.
+fn metrics_pages(counters: Arc<std::sync::Mutex<Vec<(u64, u64)>>>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/host-{{host}}/metrics", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100_000) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let host: Option<usize> = request
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.strip_prefix("/host-"))
+                .and_then(|p| p.strip_suffix("/metrics"))
+                .and_then(|n| n.parse().ok());
+            let c = host.and_then(|h| counters.lock().expect("lock").get(h).copied());
+            let response = match c {
+                Some((requests, errors)) => {
+                    let page = format!(
+                        "# TYPE http_requests_total counter\n\
+                         http_requests_total{{code=\"200\",method=\"get\"}} {}\n\
+                         http_requests_total{{code=\"503\",method=\"get\"}} {errors}\n\
+                         process_open_fds 12\n",
+                        requests - errors
+                    );
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{page}",
+                        page.len()
+                    )
+                }
+                None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    .to_owned(),
+            };
+            let _ = stream.write_all(response.as_bytes());
+        }
+    });
+    url
 }
 
 /// A webhook receiver on 127.0.0.1: collects the JSON bodies posted to it.
@@ -453,16 +521,27 @@ fn webhook() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
 
 #[test]
 fn the_judge_rolls_back_a_canary_that_answers_errors() {
+    judge_rolls_back(Report::Push);
+}
+
+#[test]
+fn the_judge_rolls_back_a_canary_whose_prometheus_page_shows_errors() {
+    judge_rolls_back(Report::Scrape);
+}
+
+fn judge_rolls_back(report: Report) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (hook, posted) = webhook();
-    let spec = FleetSpec { webhook: Some(hook), ..FleetSpec::default() };
+    let counters = Arc::new(std::sync::Mutex::new(vec![(0, 0); FleetSpec::default().hosts]));
+    let scrape_web = (report == Report::Scrape).then(|| metrics_pages(counters.clone()));
+    let spec = FleetSpec { webhook: Some(hook), scrape_web, ..FleetSpec::default() };
     let fleet =
         LocalFleet::start(Path::new(EXE), &tmp.path().join("fleet"), &spec).expect("fleet starts");
     let events = tmp.path().join("events.log");
     let src = tmp.path().join("web");
     let stop = Arc::new(AtomicBool::new(false));
     let hosts = fleet.hosts.iter().map(|h| (h.dir.clone(), h.ready_str("api"))).collect();
-    let service = play_service(hosts, stop.clone());
+    let service = play_service(hosts, report, counters, stop.clone());
 
     tree(&src, "1.0.0", &events, "true");
     publish(&fleet, &src, "1.0.0", &["staging", "prod"]);

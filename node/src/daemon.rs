@@ -66,7 +66,7 @@ use crate::stage::{StageArea, StageError, StageStatus};
 use crate::store::ChunkStore;
 use crate::swarm::{Bitfield, PeerKind, SwarmConfig};
 use crate::transport::{Endpoint, TransportConfig};
-use config::{Config, Role, Upstream};
+use config::{Config, Role, ScrapeSection, Upstream};
 use metrics::{Metrics, Totals};
 use transfer::{Attach, Backend, Shared, TransferHandle, TransferSpec};
 pub use transfer::{Snapshot, SourceTally};
@@ -381,6 +381,9 @@ pub async fn run(
     let acceptor = tokio::spawn(accept_loop(Arc::clone(&inner)));
     if let Some(coordinator) = inner.config.coordinator.clone() {
         tokio::spawn(reconcile::run(Arc::clone(&inner), coordinator));
+    }
+    for entry in inner.config.scrape.clone() {
+        tokio::spawn(scrape_loop(Arc::clone(&inner), entry, shutdown.clone()));
     }
     write_ready(&inner.config.data_dir, &info)?;
     info!(
@@ -1180,6 +1183,92 @@ async fn service_metrics_handler(
     }
     all.insert(service, m);
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Most latency buckets a host reports per service (what the coordinator accepts).
+const MAX_REPORTED_BUCKETS: usize = 64;
+
+/// Reads one service's metrics page every `entry.every` into its counters, until shutdown.
+/// A failed read keeps the last counters (the coordinator sees no progress, never a drop)
+/// and is logged when the state changes, not at every attempt.
+async fn scrape_loop(inner: Arc<Inner>, entry: ScrapeSection, shutdown: CancellationToken) {
+    let selector = |s: &str| crate::scrape::Selector::parse(s);
+    // Validated with the configuration.
+    let scrape = match (
+        selector(&entry.requests),
+        selector(&entry.errors),
+        entry.latency.as_deref().map(selector).transpose(),
+    ) {
+        (Ok(requests), Ok(errors), Ok(latency)) => {
+            crate::scrape::Scrape { requests, errors, latency }
+        }
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            warn!(service = %entry.service, error = %e, "scrape disabled");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(entry.every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let timeout = entry.every.min(Duration::from_secs(5));
+        let result = fetch_page(&inner.http, &entry.url, timeout)
+            .await
+            .and_then(|page| scrape.read(&page).map_err(|e| e.to_string()));
+        inner.shared.metrics.scraped(result.is_ok());
+        match result {
+            Ok(reading) => {
+                if failing {
+                    info!(service = %entry.service, url = %entry.url, "scrape recovered");
+                    failing = false;
+                }
+                let mut latency_buckets = reading.latency_buckets;
+                if latency_buckets.len() > MAX_REPORTED_BUCKETS {
+                    latency_buckets.clear();
+                }
+                let m = ServiceMetrics {
+                    requests: reading.requests,
+                    errors: reading.errors,
+                    latency_buckets,
+                };
+                let mut all = inner.service_metrics.lock().unwrap_or_else(|p| p.into_inner());
+                all.insert(entry.service.clone(), m);
+            }
+            Err(error) => {
+                if !failing {
+                    warn!(service = %entry.service, url = %entry.url, %error, "scrape failed");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// GETs a metrics page, at most [`crate::scrape::MAX_PAGE`] bytes.
+async fn fetch_page(
+    http: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut response = http
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let mut page = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+        if page.len() + chunk.len() > crate::scrape::MAX_PAGE {
+            return Err(format!("GET {url}: the page is larger than 8 MiB"));
+        }
+        page.extend_from_slice(&chunk);
+    }
+    String::from_utf8(page).map_err(|_| format!("GET {url}: the page is not UTF-8"))
 }
 
 fn parse_manifest_id(text: &str) -> Result<ManifestId, ApiError> {

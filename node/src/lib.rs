@@ -38,6 +38,7 @@ pub mod daemon;
 pub mod discovery;
 mod fsio;
 pub mod protocol;
+pub mod scrape;
 pub mod stage;
 pub mod store;
 pub mod store_api;

@@ -89,7 +89,49 @@ pub struct Config {
     /// Host: the coordinator it enrolls with and reconciles to. Default none: the host is
     /// driven through its admin API only.
     pub coordinator: Option<CoordinatorSection>,
+    /// Host: services whose request counters are read from their own Prometheus endpoint
+    /// (`[[scrape]]`), for canary analysis. Default none (services may push them instead).
+    pub scrape: Vec<ScrapeSection>,
 }
+
+/// One service's Prometheus endpoint, scraped for its request counters (see
+/// [`crate::scrape`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeSection {
+    /// The service, as deployed.
+    pub service: String,
+    /// Its metrics page, e.g. `http://127.0.0.1:9102/metrics`.
+    pub url: String,
+    /// Selector of the requests counter. Default `http_requests_total`.
+    #[serde(default = "default_requests")]
+    pub requests: String,
+    /// Selector of the errors among them. Default `http_requests_total{code=~"5.."}`.
+    #[serde(default = "default_errors")]
+    pub errors: String,
+    /// Selector of the request-duration histogram (seconds; its name without `_bucket`).
+    /// Default none: latency is not reported.
+    #[serde(default)]
+    pub latency: Option<String>,
+    /// How often. Default 10 s.
+    #[serde(default = "default_scrape_every", with = "humantime_serde")]
+    pub every: Duration,
+}
+
+fn default_requests() -> String {
+    "http_requests_total".into()
+}
+
+fn default_errors() -> String {
+    r#"http_requests_total{code=~"5.."}"#.into()
+}
+
+fn default_scrape_every() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Most `[[scrape]]` entries.
+const MAX_SCRAPES: usize = 64;
 
 /// The coordinator a host reconciles to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +234,7 @@ impl Default for Config {
             upload_token_file: None,
             secrets_file: None,
             coordinator: None,
+            scrape: Vec::new(),
         }
     }
 }
@@ -335,6 +378,32 @@ impl Config {
             }
             if c.environment.is_empty() || c.environment.len() > 128 {
                 return invalid("coordinator.environment", "must be 1 to 128 characters");
+            }
+        }
+        if !self.scrape.is_empty() && self.role != Role::Host {
+            return invalid("scrape", "only hosts scrape their services");
+        }
+        if self.scrape.len() > MAX_SCRAPES {
+            return invalid("scrape", "at most 64 entries");
+        }
+        for (i, s) in self.scrape.iter().enumerate() {
+            if fleetwave_chunker::manifest::validate_name(&s.service).is_err() {
+                return invalid("scrape.service", "must be a service name");
+            }
+            if self.scrape[..i].iter().any(|o| o.service == s.service) {
+                return invalid("scrape.service", &format!("{:?} is listed twice", s.service));
+            }
+            if !s.url.starts_with("http://") && !s.url.starts_with("https://") {
+                return invalid("scrape.url", "must be an http:// URL");
+            }
+            if s.every < Duration::from_secs(1) {
+                return invalid("scrape.every", "must be at least 1s");
+            }
+            let selectors = [Some(&s.requests), Some(&s.errors), s.latency.as_ref()];
+            for sel in selectors.into_iter().flatten() {
+                if let Err(e) = crate::scrape::Selector::parse(sel) {
+                    return invalid("scrape", &e.to_string());
+                }
             }
         }
         if self.swarm.origin_max_hosts == 0 {

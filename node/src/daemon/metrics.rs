@@ -13,6 +13,7 @@
 //! | `fleetwave_active_transfers` | gauge | | manifests being staged |
 //! | `fleetwave_stage_duration_seconds` | histogram | | from stage request to staged |
 //! | `fleetwave_stages_total` | counter | `result` = staged, failed | finished stagings |
+//! | `fleetwave_scrapes_total` | counter | `result` = ok, failed | reads of services' metrics pages (`[[scrape]]`) |
 
 use std::sync::Arc;
 
@@ -66,6 +67,7 @@ struct Inner {
     active: Gauge,
     stage_seconds: Histogram,
     stages: Family<ResultLabel, Counter>,
+    scrapes: Family<ResultLabel, Counter>,
 }
 
 /// Counters of the status endpoint.
@@ -146,6 +148,8 @@ impl Metrics {
         );
         let stages = Family::<ResultLabel, Counter>::default();
         registry.register("stages", "Finished stagings", stages.clone());
+        let scrapes = Family::<ResultLabel, Counter>::default();
+        registry.register("scrapes", "Reads of services' metrics pages", scrapes.clone());
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -160,6 +164,7 @@ impl Metrics {
                 active,
                 stage_seconds,
                 stages,
+                scrapes,
             }),
         }
     }
@@ -196,6 +201,11 @@ impl Metrics {
         let label = ToLabel { to: if to_cache { "cache" } else { "host" } };
         self.inner.served_bytes.get_or_create(&label).inc_by(bytes);
         self.inner.served_chunks.get_or_create(&label).inc();
+    }
+
+    pub(crate) fn scraped(&self, ok: bool) {
+        let label = ResultLabel { result: if ok { "ok" } else { "failed" } };
+        self.inner.scrapes.get_or_create(&label).inc();
     }
 
     pub(crate) fn verified(&self) {
