@@ -31,6 +31,8 @@ pub struct FleetSpec {
     /// The Prometheus page each host scrapes for service `web`'s counters, `{host}` replaced
     /// by the host's index. Default none: services push their counters.
     pub scrape_web: Option<String>,
+    /// The coordinator's `latency_buckets`. Default its own.
+    pub latency_buckets: Option<String>,
 }
 
 impl Default for FleetSpec {
@@ -41,6 +43,7 @@ impl Default for FleetSpec {
             lost_after: Duration::from_secs(5),
             webhook: None,
             scrape_web: None,
+            latency_buckets: None,
         }
     }
 }
@@ -266,7 +269,7 @@ impl LocalFleet {
                 "data_dir = {}\nlisten_grpc = \"127.0.0.1:0\"\nlisten_api = \"127.0.0.1:0\"\n\
                  trust = [{}]\nheartbeat_interval = \"{}ms\"\nlost_after = \"{}ms\"\ntick = \"50ms\"\n\
                  analysis_interval = \"1s\"\njoin_token_sha256 = [\"{join_hash}\"]\n\
-                 webhooks = [{}]\n\
+                 webhooks = [{}]\n{}\
                  [[tokens]]\nname = \"admin\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
                  [[tokens]]\nname = \"viewer\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
                 toml_str(&kdir),
@@ -276,6 +279,10 @@ impl LocalFleet {
                 spec.webhook
                     .as_ref()
                     .map(|w| toml::Value::String(w.clone()).to_string())
+                    .unwrap_or_default(),
+                spec.latency_buckets
+                    .as_ref()
+                    .map(|b| format!("latency_buckets = {}\n", toml::Value::String(b.clone())))
                     .unwrap_or_default(),
                 fleetwave_coordinator::auth::hash_token(&admin_token),
                 fleetwave_coordinator::auth::hash_token(&viewer_token),
@@ -307,8 +314,10 @@ impl LocalFleet {
             )?;
             if let Some(url) = &spec.scrape_web {
                 let url = url.replace("{host}", &i.to_string());
-                let entry =
-                    format!("\n[[scrape]]\nservice = \"web\"\nurl = \"{url}\"\nevery = \"1s\"\n");
+                let entry = format!(
+                    "\n[[scrape]]\nservice = \"web\"\nurl = \"{url}\"\nevery = \"1s\"\n\
+                     latency = \"http_request_duration_seconds\"\n"
+                );
                 let mut text = std::fs::read_to_string(&hconf)?;
                 text.push_str(&entry);
                 write_config(&hconf, &text)?;

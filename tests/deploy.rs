@@ -464,13 +464,27 @@ fn metrics_pages(counters: Arc<std::sync::Mutex<Vec<(u64, u64)>>>) -> String {
             let c = host.and_then(|h| counters.lock().expect("lock").get(h).copied());
             let response = match c {
                 Some((requests, errors)) => {
-                    let page = format!(
+                    // Every request answered within 25 to 50 ms, on the Prometheus default
+                    // bounds.
+                    let mut page = format!(
                         "# TYPE http_requests_total counter\n\
                          http_requests_total{{code=\"200\",method=\"get\"}} {}\n\
                          http_requests_total{{code=\"503\",method=\"get\"}} {errors}\n\
-                         process_open_fds 12\n",
+                         process_open_fds 12\n\
+                         # TYPE http_request_duration_seconds histogram\n",
                         requests - errors
                     );
+                    for le in ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1"] {
+                        let n = if le.parse::<f64>().unwrap_or(0.0) < 0.05 { 0 } else { requests };
+                        page.push_str(&format!(
+                            "http_request_duration_seconds_bucket{{le=\"{le}\"}} {n}\n"
+                        ));
+                    }
+                    for le in ["2.5", "5", "10", "+Inf"] {
+                        page.push_str(&format!(
+                            "http_request_duration_seconds_bucket{{le=\"{le}\"}} {requests}\n"
+                        ));
+                    }
                     format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\n\
                          content-length: {}\r\nconnection: close\r\n\r\n{page}",
@@ -534,7 +548,10 @@ fn judge_rolls_back(report: Report) {
     let (hook, posted) = webhook();
     let counters = Arc::new(std::sync::Mutex::new(vec![(0, 0); FleetSpec::default().hosts]));
     let scrape_web = (report == Report::Scrape).then(|| metrics_pages(counters.clone()));
-    let spec = FleetSpec { webhook: Some(hook), scrape_web, ..FleetSpec::default() };
+    // Scraped latency comes on the Prometheus default bounds: the coordinator judges it there.
+    let latency_buckets = scrape_web.as_ref().map(|_| "prometheus".to_owned());
+    let spec =
+        FleetSpec { webhook: Some(hook), scrape_web, latency_buckets, ..FleetSpec::default() };
     let fleet =
         LocalFleet::start(Path::new(EXE), &tmp.path().join("fleet"), &spec).expect("fleet starts");
     let events = tmp.path().join("events.log");
@@ -572,7 +589,10 @@ fn judge_rolls_back(report: Report) {
     let gate = done.gates.last().expect("a gate was judged");
     assert_eq!(gate.verdict, "fail", "{gate:?}");
     assert!(gate.canary_errors * 20 > gate.canary_requests, "{gate:?}");
-    assert!(gate.evidence.get("metrics").is_some(), "the judge's evidence is kept: {gate:?}");
+    let judged = gate.evidence["metrics"].as_array().map(Vec::len);
+    // Pushed counters carry no latency; the scraped page's histogram is judged too.
+    let expected = if report == Report::Scrape { 2 } else { 1 };
+    assert_eq!(judged, Some(expected), "the judge's evidence is kept: {gate:?}");
     fleet
         .wait("every host on 1.0.0", Duration::from_secs(30), |f| {
             versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())

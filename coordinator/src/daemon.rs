@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::analysis::Buckets;
 use crate::auth::{Principal, Role, Tokens, hash_token};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::store::Store;
@@ -68,6 +69,10 @@ pub struct Config {
     /// How often an open analysis gate is looked at.
     #[serde(with = "humantime_serde")]
     pub analysis_interval: Duration,
+    /// The latency histogram layout hosts report in: `native` (four buckets per doubling from
+    /// 1 ms to 65 s, 66 counts), `prometheus` (the client libraries' default bounds, 5 ms to
+    /// 10 s), or the bounds in seconds, comma-separated, increasing (`+Inf` implied).
+    pub latency_buckets: String,
     /// SHA-256 (hex) of the join tokens hosts enroll with.
     pub join_token_sha256: Vec<String>,
     /// API tokens.
@@ -88,6 +93,7 @@ impl Default for Config {
             lost_after: Duration::from_secs(30),
             tick: Duration::from_millis(200),
             analysis_interval: Duration::from_secs(10),
+            latency_buckets: "native".into(),
             join_token_sha256: Vec::new(),
             tokens: Vec::new(),
             webhooks: Vec::new(),
@@ -140,6 +146,9 @@ impl Config {
         if self.trust.is_empty() {
             return bad("trust", "at least one trusted release key is needed");
         }
+        if let Err(reason) = parse_latency_buckets(&self.latency_buckets) {
+            return bad("latency_buckets", &reason);
+        }
         if self.webhooks.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
             return bad("webhooks", "must be http:// or https:// URLs");
         }
@@ -149,6 +158,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The `latency_buckets` setting: a preset name or the bounds in seconds.
+pub fn parse_latency_buckets(text: &str) -> Result<Buckets, String> {
+    match text.trim() {
+        "native" => Ok(Buckets::native_schema_2()),
+        "prometheus" => Ok(Buckets::prometheus_default()),
+        list => {
+            let upper = list
+                .split(',')
+                .map(|b| b.trim().parse::<f64>().map_err(|_| format!("{b:?} is not a number")))
+                .collect::<Result<Vec<f64>, String>>()?;
+            Buckets::new(upper).map_err(|e| e.to_string())
+        }
     }
 }
 
@@ -302,6 +326,8 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         lost_after: config.lost_after,
         heartbeat_interval: config.heartbeat_interval,
         analysis_interval: config.analysis_interval,
+        // Checked by validate().
+        latency_buckets: parse_latency_buckets(&config.latency_buckets).unwrap_or_default(),
         keep_decisions: !config.webhooks.is_empty(),
         ..FleetConfig::default()
     };
@@ -429,6 +455,20 @@ mod tests {
         let text = include_str!("../fleetwave-coordinator.example.toml");
         let parsed: Config = toml::from_str(text).expect("example parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn latency_layouts_are_presets_or_bounds() {
+        assert_eq!(parse_latency_buckets("native"), Ok(Buckets::native_schema_2()));
+        assert_eq!(parse_latency_buckets(" prometheus "), Ok(Buckets::prometheus_default()));
+        let b = parse_latency_buckets("0.01, 0.1,1").expect("bounds");
+        assert_eq!(b.upper(), [0.01, 0.1, 1.0]);
+        for bad in ["", "fast", "0.1, 0.01", "0.1,,1", "inf"] {
+            assert!(parse_latency_buckets(bad).is_err(), "{bad:?}");
+        }
+        let c =
+            Config { latency_buckets: "1, 0".into(), trust: vec!["k".into()], ..Config::default() };
+        assert!(matches!(c.validate(), Err(DaemonError::Config { field: "latency_buckets", .. })));
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct FleetConfig {
     pub analysis_interval: Duration,
     /// Keep every automatic decision for [`Fleet::take_decisions`] (webhooks).
     pub keep_decisions: bool,
+    /// The latency histogram layout hosts report in; a host's latency is judged only in it.
+    pub latency_buckets: crate::analysis::Buckets,
 }
 
 impl Default for FleetConfig {
@@ -72,6 +74,7 @@ impl Default for FleetConfig {
             heartbeat_interval: Duration::from_secs(5),
             analysis_interval: Duration::from_secs(10),
             keep_decisions: false,
+            latency_buckets: crate::analysis::Buckets::default(),
         }
     }
 }
@@ -754,12 +757,16 @@ impl Fleet {
                     let last: HashMap<u64, HostCounters> =
                         hosts.iter().map(|&h| (h, self.counters(h, &service))).collect();
                     // Latency is judged only when the service reports it.
-                    let latency = last.values().any(|c| !c.latency_buckets.is_empty());
+                    // Latency is judged only when the service reports it, in the layout.
+                    let buckets = self.config.latency_buckets.clone();
+                    let latency =
+                        last.values().any(|c| c.latency_buckets.len() == buckets.counts());
                     let config = if latency {
-                        JudgeConfig::default()
+                        JudgeConfig { buckets, ..JudgeConfig::default() }
                     } else {
                         JudgeConfig {
                             metrics: vec![MetricConfig::error_rate()],
+                            buckets,
                             ..JudgeConfig::default()
                         }
                     };

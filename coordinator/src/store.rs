@@ -135,7 +135,7 @@ pub const MAX_SERVICES: usize = 256;
 /// Most manifests in a report's staged and failed lists.
 pub const MAX_MANIFESTS: usize = 1024;
 /// Most latency buckets of a service.
-pub const MAX_BUCKETS: usize = 64;
+pub const MAX_BUCKETS: usize = crate::analysis::MAX_BUCKETS + 1;
 /// Longest string in a report.
 pub const MAX_STRING: usize = 128;
 

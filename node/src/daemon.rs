@@ -234,7 +234,7 @@ pub struct ServiceMetrics {
     /// Of which errors (5xx).
     pub errors: u64,
     /// Cumulative request counts at the latency bucket bounds the coordinator's analysis uses
-    /// (at most 64).
+    /// (its `latency_buckets`), `+Inf` last (at most 257).
     #[serde(default)]
     pub latency_buckets: Vec<u64>,
 }
@@ -1170,11 +1170,11 @@ async fn service_metrics_handler(
     if fleetwave_chunker::manifest::validate_name(&service).is_err() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_service", "not a service name"));
     }
-    if m.errors > m.requests || m.latency_buckets.len() > 64 {
+    if m.errors > m.requests || m.latency_buckets.len() > MAX_REPORTED_BUCKETS {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_metrics",
-            "errors exceed requests, or more than 64 latency buckets",
+            "errors exceed requests, or more than 257 latency buckets",
         ));
     }
     let mut all = inner.service_metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -1185,8 +1185,9 @@ async fn service_metrics_handler(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Most latency buckets a host reports per service (what the coordinator accepts).
-const MAX_REPORTED_BUCKETS: usize = 64;
+/// Most latency buckets a host reports per service (what the coordinator accepts: 256 bounds
+/// and `+Inf`).
+const MAX_REPORTED_BUCKETS: usize = 257;
 
 /// Reads one service's metrics page every `entry.every` into its counters, until shutdown.
 /// A failed read keeps the last counters (the coordinator sees no progress, never a drop)
