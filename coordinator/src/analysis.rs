@@ -724,7 +724,7 @@ struct State {
     window_start: Duration,
     decide_by: Duration,
     /// Looks for a pass allowed in all (`decide_by`, then every `look_every`).
-    #[serde(default = "one_look")]
+    #[serde(default = "crate::rollout::one_look")]
     looks: u16,
     /// Looks for a pass already taken and found undecided.
     #[serde(default)]
@@ -738,10 +738,6 @@ struct State {
     intervals: Intervals,
     metrics: Vec<MetricState>,
     decided: Option<(Duration, Outcome)>,
-}
-
-fn one_look() -> u16 {
-    1
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

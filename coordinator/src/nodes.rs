@@ -51,7 +51,7 @@ use libp2p_identity::{PeerId, PublicKey};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::daemon::Shared;
+use crate::daemon::{Metrics, Shared};
 use crate::fleet::FleetError;
 use crate::rollout::ManifestId;
 use crate::store::{HostActual, ReportError};
@@ -95,6 +95,27 @@ fn short(field: &str, s: &str) -> Result<(), Status> {
 /// Converts a report into the coordinator's record, checking its limits.
 pub fn actual_from_report(report: &pb::HostReport) -> Result<HostActual, Status> {
     HostActual::try_from(report).map_err(|e: ReportError| Status::invalid_argument(e.to_string()))
+}
+
+/// The coordinator's time, if a signed request's `timestamp_ms` is within [`MAX_CLOCK_SKEW`]
+/// of it (a captured request cannot be replayed later); refused and counted under `reason`
+/// otherwise.
+fn clock_checked(
+    metrics: &Metrics,
+    reason: &'static str,
+    what: &str,
+    timestamp_ms: u64,
+) -> Result<Duration, Status> {
+    let now = crate::daemon::now();
+    let skew = now.abs_diff(Duration::from_millis(timestamp_ms));
+    if skew > MAX_CLOCK_SKEW {
+        metrics.refused(reason);
+        return Err(Status::unauthenticated(format!(
+            "{what} time is {}s away from the coordinator's clock",
+            skew.as_secs()
+        )));
+    }
+    Ok(now)
 }
 
 fn ms(t: Duration) -> u64 {
@@ -141,15 +162,7 @@ impl pb::node_control_server::NodeControl for NodeService {
             metrics.refused("enroll_signature");
             return Err(Status::unauthenticated("enrollment signature does not verify"));
         }
-        let now = crate::daemon::now();
-        let then = Duration::from_millis(r.timestamp_ms);
-        if now.abs_diff(then) > MAX_CLOCK_SKEW {
-            metrics.refused("enroll_clock");
-            return Err(Status::unauthenticated(format!(
-                "enrollment time is {}s away from the coordinator's clock",
-                now.abs_diff(then).as_secs()
-            )));
-        }
+        let now = clock_checked(metrics, "enroll_clock", "enrollment", r.timestamp_ms)?;
         let peer = key.to_peer_id();
         let record = {
             let mut fleet = self.shared.fleet.lock().map_err(|_| Status::internal("poisoned"))?;
@@ -192,15 +205,7 @@ impl pb::node_control_server::NodeControl for NodeService {
             tracing::warn!(host = %peer, "session opening signature does not verify");
             return Err(Status::unauthenticated("session opening signature does not verify"));
         }
-        let now = crate::daemon::now();
-        let then = Duration::from_millis(r.timestamp_ms);
-        if now.abs_diff(then) > MAX_CLOCK_SKEW {
-            metrics.refused("session_clock");
-            return Err(Status::unauthenticated(format!(
-                "session opening time is {}s away from the coordinator's clock",
-                now.abs_diff(then).as_secs()
-            )));
-        }
+        let now = clock_checked(metrics, "session_clock", "session opening", r.timestamp_ms)?;
         let id = ms(now + SESSION_LIFETIME);
         let session_key = SessionKey::derive(&self.shared.session_secret, &r.peer_id, id);
         let (exchange_key, sealed_key) =

@@ -328,7 +328,8 @@ pub struct GateRequest {
     pub hosts: u32,
 }
 
-fn one_look() -> u16 {
+/// The serde default of a gate's looks (and of a judge's, restored from before looks).
+pub(crate) fn one_look() -> u16 {
     1
 }
 

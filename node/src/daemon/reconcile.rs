@@ -45,6 +45,15 @@ const MAX_INTERVAL: Duration = Duration::from_secs(60);
 /// Least time between two heartbeats.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Longest wait between retries of enrollment and session opening.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Waits `backoff`, then doubles it up to `max`.
+async fn back_off(backoff: &mut Duration, max: Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(max);
+}
+
 #[allow(clippy::disallowed_methods, reason = "the wall clock stamps reports: the I/O edge")]
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -139,8 +148,7 @@ impl Reconciler {
                     }
                     Err(status) => {
                         warn!(url = %self.config.url, code = ?status.code(), message = status.message(), "enrollment failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        back_off(&mut backoff, MAX_BACKOFF).await;
                         continue;
                     }
                 }
@@ -156,14 +164,12 @@ impl Reconciler {
                             "the coordinator refuses a session; enrolling again"
                         );
                         enrolled = false;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        back_off(&mut backoff, MAX_BACKOFF).await;
                         continue;
                     }
                     Err(status) => {
                         debug!(code = ?status.code(), message = status.message(), "cannot open a session");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        back_off(&mut backoff, MAX_BACKOFF).await;
                         continue;
                     }
                 }
@@ -178,15 +184,13 @@ impl Reconciler {
                     // A session that was heard is replaced at once; one refused from the
                     // start waits (something else is wrong: do not spin).
                     if !self.session.take().is_some_and(|s| s.heard) {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        back_off(&mut backoff, MAX_BACKOFF).await;
                     }
                     continue;
                 }
                 Err(status) => {
                     debug!(code = ?status.code(), message = status.message(), "heartbeat failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(interval.max(MIN_INTERVAL));
+                    back_off(&mut backoff, interval.max(MIN_INTERVAL)).await;
                     continue;
                 }
             }
