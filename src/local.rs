@@ -33,6 +33,9 @@ pub struct FleetSpec {
     pub scrape_web: Option<String>,
     /// The coordinator's `latency_buckets`. Default its own.
     pub latency_buckets: Option<String>,
+    /// More of the coordinator's configuration (TOML tables, such as `[[prometheus]]`),
+    /// appended to the file.
+    pub coordinator_extra: String,
 }
 
 impl Default for FleetSpec {
@@ -44,6 +47,7 @@ impl Default for FleetSpec {
             webhook: None,
             scrape_web: None,
             latency_buckets: None,
+            coordinator_extra: String::new(),
         }
     }
 }
@@ -271,7 +275,7 @@ impl LocalFleet {
                  analysis_interval = \"1s\"\njoin_token_sha256 = [\"{join_hash}\"]\n\
                  webhooks = [{}]\n{}\
                  [[tokens]]\nname = \"admin\"\nsha256 = \"{}\"\nrole = \"admin\"\n\
-                 [[tokens]]\nname = \"viewer\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
+                 [[tokens]]\nname = \"viewer\"\nsha256 = \"{}\"\nrole = \"viewer\"\n{}",
                 toml_str(&kdir),
                 toml_str(&public),
                 spec.heartbeat.as_millis(),
@@ -286,6 +290,7 @@ impl LocalFleet {
                     .unwrap_or_default(),
                 fleetwave_coordinator::auth::hash_token(&admin_token),
                 fleetwave_coordinator::auth::hash_token(&viewer_token),
+                spec.coordinator_extra,
             ),
         )?;
         let coordinator = Proc::spawn(exe, "coordinator", "coordinator", &kdir, &kconf)?;

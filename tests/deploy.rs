@@ -388,6 +388,69 @@ enum Report {
     Push,
     /// A Prometheus page the host scrapes (`[[scrape]]`).
     Scrape,
+    /// The same pages scraped by a Prometheus server the coordinator queries (`[[prometheus]]`);
+    /// the hosts report no counters at all.
+    Promql,
+}
+
+/// A real Prometheus server (Debian's `prometheus`, or `$FLEETWAVE_PROMETHEUS`) on 127.0.0.1,
+/// scraping every host's page every second as job `web` with the label `host="host-N"`.
+/// Killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, pages: &str, hosts: usize) -> Prometheus {
+        let exe = std::env::var("FLEETWAVE_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let (addr, path) =
+            pages.strip_prefix("http://").and_then(|r| r.split_once('/')).expect("page URL");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
+             scrape_configs:\n  - job_name: web\n    static_configs:\n",
+        );
+        for i in 0..hosts {
+            let path = format!("/{}", path.replace("{host}", &i.to_string()));
+            config.push_str(&format!(
+                "      - targets: [\"{addr}\"]\n        labels: {{host: host-{i}, __metrics_path__: \"{path}\"}}\n"
+            ));
+        }
+        std::fs::create_dir_all(dir).expect("prometheus dir");
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
+        let child = Command::new(&exe)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {exe}: {e} (apt-get install prometheus, or set FLEETWAVE_PROMETHEUS)")
+            });
+        let server = Prometheus { child, url: format!("http://127.0.0.1:{port}") };
+        let http = reqwest::blocking::Client::new();
+        for _ in 0..300 {
+            let ready = http.get(format!("{}/-/ready", server.url)).send();
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("prometheus not ready in 30 s: see {}", dir.join("prometheus.log").display());
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Plays the service on every host: every 100 ms, counts what `current/web` runs: 100
@@ -543,15 +606,41 @@ fn the_judge_rolls_back_a_canary_whose_prometheus_page_shows_errors() {
     judge_rolls_back(Report::Scrape);
 }
 
+#[test]
+fn the_judge_rolls_back_a_canary_whose_errors_a_prometheus_server_shows() {
+    judge_rolls_back(Report::Promql);
+}
+
 fn judge_rolls_back(report: Report) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (hook, posted) = webhook();
-    let counters = Arc::new(std::sync::Mutex::new(vec![(0, 0); FleetSpec::default().hosts]));
-    let scrape_web = (report == Report::Scrape).then(|| metrics_pages(counters.clone()));
+    let hosts = FleetSpec::default().hosts;
+    let counters = Arc::new(std::sync::Mutex::new(vec![(0, 0); hosts]));
+    let pages = (report != Report::Push).then(|| metrics_pages(counters.clone()));
+    let prometheus = (report == Report::Promql).then(|| {
+        Prometheus::start(&tmp.path().join("prometheus"), pages.as_deref().unwrap_or(""), hosts)
+    });
     // Scraped latency comes on the Prometheus default bounds: the coordinator judges it there.
-    let latency_buckets = scrape_web.as_ref().map(|_| "prometheus".to_owned());
-    let spec =
-        FleetSpec { webhook: Some(hook), scrape_web, latency_buckets, ..FleetSpec::default() };
+    let latency_buckets = pages.as_ref().map(|_| "prometheus".to_owned());
+    let coordinator_extra = prometheus
+        .as_ref()
+        .map(|p| {
+            format!(
+                "[[prometheus]]\nservice = \"web\"\nurl = \"{}\"\nhost_label = \"host\"\n\
+                 latency = 'sum by ($host_label, le) (http_request_duration_seconds_bucket{{job=\"$service\"}})'\n\
+                 every = \"1s\"\n",
+                p.url
+            )
+        })
+        .unwrap_or_default();
+    let scrape_web = pages.filter(|_| report == Report::Scrape);
+    let spec = FleetSpec {
+        webhook: Some(hook),
+        scrape_web,
+        latency_buckets,
+        coordinator_extra,
+        ..FleetSpec::default()
+    };
     let fleet =
         LocalFleet::start(Path::new(EXE), &tmp.path().join("fleet"), &spec).expect("fleet starts");
     let events = tmp.path().join("events.log");
@@ -591,8 +680,25 @@ fn judge_rolls_back(report: Report) {
     assert!(gate.canary_errors * 20 > gate.canary_requests, "{gate:?}");
     let judged = gate.evidence["metrics"].as_array().map(Vec::len);
     // Pushed counters carry no latency; the scraped page's histogram is judged too.
-    let expected = if report == Report::Scrape { 2 } else { 1 };
+    let expected = if report == Report::Push { 1 } else { 2 };
     assert_eq!(judged, Some(expected), "the judge's evidence is kept: {gate:?}");
+    if report == Report::Promql {
+        // The hosts reported nothing: the verdict came from the Prometheus server's answers.
+        let url = format!("http://{}/metrics", fleet.coordinator.ready_str("api"));
+        let metrics = reqwest::blocking::get(url).and_then(|r| r.text()).expect("metrics");
+        let fetched = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("fleetwave_coordinator_promql_fetches_total{")
+                    && l.contains("result=\"ok\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+        assert!(fetched.is_some_and(|n| n > 0), "{metrics}");
+        assert!(
+            metrics.contains("fleetwave_coordinator_promql_hosts{service=\"web\"} 8"),
+            "{metrics}"
+        );
+    }
     fleet
         .wait("every host on 1.0.0", Duration::from_secs(30), |f| {
             versions_active(f).iter().all(|v| v.as_deref() == Some("1.0.0")).then_some(())

@@ -80,6 +80,9 @@ pub struct Config {
     /// URLs that receive every automatic decision (wave started or passed, gate verdict,
     /// host failed, hold, rollback, done) as a JSON POST of its audit record.
     pub webhooks: Vec<String>,
+    /// Services whose canaries are judged on PromQL queries to a Prometheus server instead
+    /// of the counters hosts report (see [`crate::promql`]).
+    pub prometheus: Vec<crate::promql::SourceConfig>,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             join_token_sha256: Vec::new(),
             tokens: Vec::new(),
             webhooks: Vec::new(),
+            prometheus: Vec::new(),
         }
     }
 }
@@ -152,6 +156,18 @@ impl Config {
         if self.webhooks.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
             return bad("webhooks", "must be http:// or https:// URLs");
         }
+        let mut sources = std::collections::BTreeSet::new();
+        for source in &self.prometheus {
+            source
+                .validate()
+                .map_err(|reason| DaemonError::Config { field: "prometheus", reason })?;
+            if !sources.insert(&source.service) {
+                return bad(
+                    "prometheus",
+                    &format!("{}: two sources for one service", source.service),
+                );
+            }
+        }
         for h in self.join_token_sha256.iter().chain(self.tokens.iter().map(|t| &t.sha256)) {
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return bad("sha256", "token hashes are 64 hex digits (SHA-256)");
@@ -181,6 +197,17 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    service: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
 /// The coordinator's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -191,6 +218,8 @@ pub struct Metrics {
     hosts: Gauge,
     lost: Gauge,
     deployments: Gauge,
+    promql: Family<SourceLabel, Counter>,
+    promql_hosts: Family<ServiceLabel, Gauge>,
 }
 
 impl Metrics {
@@ -210,7 +239,44 @@ impl Metrics {
         registry.register("hosts", "Enrolled hosts", hosts.clone());
         registry.register("hosts_lost", "Hosts that missed their heartbeats", lost.clone());
         registry.register("deployments_running", "Deployments running", deployments.clone());
-        Self { registry, heartbeats, heartbeat_seconds, refused, hosts, lost, deployments }
+        let promql = Family::<SourceLabel, Counter>::default();
+        let promql_hosts = Family::<ServiceLabel, Gauge>::default();
+        registry.register(
+            "promql_fetches",
+            "Rounds of PromQL queries for a service's canary counters, by result",
+            promql.clone(),
+        );
+        registry.register(
+            "promql_hosts",
+            "Enrolled hosts the last PromQL round had counters for",
+            promql_hosts.clone(),
+        );
+        Self {
+            registry,
+            heartbeats,
+            heartbeat_seconds,
+            refused,
+            hosts,
+            lost,
+            deployments,
+            promql,
+            promql_hosts,
+        }
+    }
+
+    /// Counts a round of PromQL queries for `service`.
+    fn promql_fetch(&self, service: &str, result: Result<usize, ()>) {
+        let label = |result| SourceLabel { service: service.to_owned(), result };
+        match result {
+            Ok(hosts) => {
+                self.promql.get_or_create(&label("ok")).inc();
+                let service = ServiceLabel { service: service.to_owned() };
+                self.promql_hosts.get_or_create(&service).set(hosts as i64);
+            }
+            Err(()) => {
+                self.promql.get_or_create(&label("error")).inc();
+            }
+        }
     }
 
     /// Counts a refused node request.
@@ -329,6 +395,7 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         // Checked by validate().
         latency_buckets: parse_latency_buckets(&config.latency_buckets).unwrap_or_default(),
         keep_decisions: !config.webhooks.is_empty(),
+        external: config.prometheus.iter().map(|s| (s.service.clone(), s.valid_for())).collect(),
         ..FleetConfig::default()
     };
     let fleet = Fleet::open(store.clone(), fleet_config, now())?;
@@ -347,6 +414,60 @@ pub fn open(config: &Config) -> Result<Arc<Shared>, DaemonError> {
         join_hashes: config.join_token_sha256.clone(),
         heartbeat_interval: config.heartbeat_interval,
     }))
+}
+
+/// Fetches one service's canary counters from its Prometheus server every `every` while the
+/// service has a deployment in progress, and hands them to the fleet. A failed round is
+/// logged and counted; the counters it would have replaced go stale (and their hosts count
+/// as missing, not failing) after [`crate::promql::SourceConfig::valid_for`].
+async fn run_promql(shared: Arc<Shared>, source: crate::promql::Source, stop: CancellationToken) {
+    let service = source.config.service.clone();
+    let mut interval = tokio::time::interval(source.config.every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        let wanted = match shared.fleet.lock() {
+            Ok(fleet) => fleet
+                .services_in_progress()
+                .contains(&service)
+                .then(|| (fleet.host_names(), fleet.config().latency_buckets.clone())),
+            Err(_) => break,
+        };
+        let Some((names, buckets)) = wanted else { continue };
+        let asked = now();
+        match source.fetch(&names, &buckets).await {
+            Ok((hosts, unused)) => {
+                if failing {
+                    tracing::info!(%service, "prometheus answers again");
+                    failing = false;
+                }
+                if unused.unmatched > 0 || unused.other_layout > 0 {
+                    tracing::debug!(
+                        %service,
+                        unmatched = unused.unmatched,
+                        other_layout = unused.other_layout,
+                        "prometheus series left out"
+                    );
+                }
+                shared.metrics.promql_fetch(&service, Ok(hosts.len()));
+                match shared.fleet.lock() {
+                    Ok(mut fleet) => fleet.put_external(&service, asked, hosts),
+                    Err(_) => break,
+                }
+            }
+            Err(e) => {
+                shared.metrics.promql_fetch(&service, Err(()));
+                if !failing {
+                    tracing::warn!(%service, error = %e, "canary counters not fetched");
+                    failing = true;
+                }
+            }
+        }
+    }
 }
 
 /// Runs the coordinator until `stop` fires.
@@ -388,6 +509,14 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
             axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned()).await
         })
     };
+    let promql_tasks: Vec<_> = config
+        .prometheus
+        .iter()
+        .map(|c| {
+            let source = crate::promql::Source::new(c.clone());
+            tokio::spawn(run_promql(shared.clone(), source, stop.clone()))
+        })
+        .collect();
     let (decisions_tx, decisions_rx) = tokio::sync::mpsc::channel(1024);
     let webhook_task = tokio::spawn(send_webhooks(config.webhooks.clone(), decisions_rx));
     let tick_task = {
@@ -428,6 +557,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
 
     stop.cancelled().await;
     let _ = tick_task.await;
+    for task in promql_tasks {
+        let _ = task.await;
+    }
     match grpc_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server"),
         Err(e) => tracing::warn!(error = %e, "gRPC task"),
@@ -449,6 +581,28 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), DaemonEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_sources_are_checked() {
+        let text = "trust = [\"k\"]\n[[prometheus]]\nservice = \"web\"\nurl = \"http://127.0.0.1:9090\"\n\
+                    latency = 'sum by ($host_label, le) (x_bucket)'\nevery = \"2s\"\n";
+        let c: Config = toml::from_str(text).expect("parses");
+        assert_eq!(c.validate().ok(), Some(()));
+        let source = &c.prometheus[0];
+        assert_eq!(source.host_label, "instance");
+        assert_eq!(source.valid_for(), Duration::from_secs(6));
+        let mut twice = c.clone();
+        twice.prometheus.push(source.clone());
+        assert!(matches!(twice.validate(), Err(DaemonError::Config { field: "prometheus", .. })));
+        let mut bad = c.clone();
+        bad.prometheus[0].url = "127.0.0.1:9090".into();
+        let e = bad.validate().expect_err("refused");
+        assert!(e.to_string().contains("web: url"), "{e}");
+        assert!(
+            toml::from_str::<Config>("[[prometheus]]\nservice = \"web\"\n").is_err(),
+            "url is required"
+        );
+    }
 
     #[test]
     fn the_example_config_is_the_defaults() {

@@ -64,6 +64,9 @@ pub struct FleetConfig {
     pub keep_decisions: bool,
     /// The latency histogram layout hosts report in; a host's latency is judged only in it.
     pub latency_buckets: crate::analysis::Buckets,
+    /// Services judged on counters from a Prometheus server ([`Fleet::put_external`]) instead
+    /// of the hosts' reports, and how long fetched counters stand for the hosts.
+    pub external: BTreeMap<String, Duration>,
 }
 
 impl Default for FleetConfig {
@@ -75,6 +78,7 @@ impl Default for FleetConfig {
             analysis_interval: Duration::from_secs(10),
             keep_decisions: false,
             latency_buckets: crate::analysis::Buckets::default(),
+            external: BTreeMap::new(),
         }
     }
 }
@@ -156,6 +160,13 @@ struct HostMem {
     fresh: bool,
 }
 
+/// A service's counters as a Prometheus server last gave them.
+#[derive(Debug, Default)]
+struct External {
+    fetched: Duration,
+    hosts: HashMap<u64, HostCounters>,
+}
+
 /// An open analysis gate: the judge and what it has seen.
 #[derive(Debug)]
 struct OpenGate {
@@ -195,6 +206,8 @@ pub struct Fleet {
     audit_seq: u64,
     /// Automatic decisions not yet taken by [`Fleet::take_decisions`].
     decisions: Vec<AuditEntry>,
+    /// Counters of the services in `config.external`, by service.
+    external: HashMap<String, External>,
 }
 
 fn ms(now: Duration) -> u64 {
@@ -296,6 +309,7 @@ impl Fleet {
             gates: BTreeMap::new(),
             audit_seq: 0,
             decisions: Vec::new(),
+            external: HashMap::new(),
             store,
         };
         for record in fleet.store.hosts()? {
@@ -598,16 +612,62 @@ impl Fleet {
         Ok(())
     }
 
-    fn counters(&self, number: u64, service: &str) -> HostCounters {
-        self.hosts
-            .get(&number)
-            .and_then(|h| h.actual.services.iter().find(|s| s.service == service))
-            .map(|s| HostCounters {
-                requests: s.requests,
-                errors: s.errors,
-                latency_buckets: s.latency_buckets.clone(),
-            })
-            .unwrap_or_default()
+    /// Host `number`'s counters for `service` as of `now`: from its reports, or from the
+    /// service's Prometheus source. `None` when there are none to judge (the host is lost,
+    /// does not report the service, or the source has nothing recent for it).
+    fn observed(&self, number: u64, service: &str, now: Duration) -> Option<HostCounters> {
+        let host = self.hosts.get(&number).filter(|h| !h.actual.lost)?;
+        if let Some(valid_for) = self.config.external.get(service) {
+            let source = self.external.get(service)?;
+            if now.saturating_sub(source.fetched) > *valid_for {
+                return None;
+            }
+            return source.hosts.get(&number).cloned();
+        }
+        host.actual.services.iter().find(|s| s.service == service).map(|s| HostCounters {
+            requests: s.requests,
+            errors: s.errors,
+            latency_buckets: s.latency_buckets.clone(),
+        })
+    }
+
+    /// Services with a deployment in progress: what a Prometheus source queries for.
+    pub fn services_in_progress(&self) -> std::collections::BTreeSet<String> {
+        self.records
+            .values()
+            .filter(|r| r.state == DeploymentState::Running)
+            .map(|r| r.spec.service.clone())
+            .collect()
+    }
+
+    /// Every enrolled host's name and number (how Prometheus series are attributed).
+    pub fn host_names(&self) -> HashMap<String, u64> {
+        self.hosts.iter().map(|(&n, h)| (h.record.name.clone(), n)).collect()
+    }
+
+    /// Takes `service`'s counters, fetched from its Prometheus source at `now`.
+    pub fn put_external(
+        &mut self,
+        service: &str,
+        now: Duration,
+        hosts: HashMap<u64, HostCounters>,
+    ) {
+        self.external.insert(service.to_owned(), External { fetched: now, hosts });
+    }
+
+    /// The judge's configuration for a gate whose hosts' counters are `observed`: latency is
+    /// judged only when the service reports it, in the coordinator's layout.
+    fn judge_config(&self, observed: &HashMap<u64, HostCounters>) -> JudgeConfig {
+        let buckets = self.config.latency_buckets.clone();
+        if observed.values().any(|c| c.latency_buckets.len() == buckets.counts()) {
+            JudgeConfig { buckets, ..JudgeConfig::default() }
+        } else {
+            JudgeConfig {
+                metrics: vec![MetricConfig::error_rate()],
+                buckets,
+                ..JudgeConfig::default()
+            }
+        }
     }
 
     fn look_at_gate(&mut self, id: u64, now: Duration) -> Result<(), FleetError> {
@@ -622,15 +682,17 @@ impl Fleet {
         let mut totals = gate.totals;
         for (side, hosts) in [&request.canary, &request.baseline].into_iter().enumerate() {
             for h in hosts {
-                let reporting = self.hosts.get(&h.0).is_some_and(|m| {
-                    !m.actual.lost && m.actual.services.iter().any(|s| s.service == service)
-                });
-                if !reporting {
+                let Some(now_c) = self.observed(h.0, &service, now) else {
                     sides[side].add_missing();
                     continue;
-                }
-                let now_c = self.counters(h.0, &service);
-                let delta = now_c.since(gate.last.get(&h.0).unwrap_or(&HostCounters::default()));
+                };
+                let Some(before) = gate.last.get(&h.0) else {
+                    // First seen since the gate opened: its counts so far predate the window.
+                    sides[side].add_missing();
+                    seen.insert(h.0, now_c);
+                    continue;
+                };
+                let delta = now_c.since(before);
                 totals[side * 2] += delta.requests;
                 totals[side * 2 + 1] += delta.errors;
                 if let Err(e) = sides[side].add_host(&delta.sample(&buckets)) {
@@ -644,9 +706,20 @@ impl Fleet {
         let interval = ms(self.config.analysis_interval);
         let region =
             live.engine.regions().nth(usize::from(request.region.0)).unwrap_or_default().to_owned();
+        // Nothing was observed when the gate opened (a Prometheus source not yet asked): what
+        // the hosts report is known only now, and this look starts the window.
+        let rejudge = gate.last.is_empty() && !seen.is_empty();
+        let rejudged =
+            if rejudge { Judge::for_gate(self.judge_config(&seen), &request).ok() } else { None };
         let Some(gate) = self.live.get_mut(&id).and_then(|l| l.gate.as_mut()) else {
             return Ok(());
         };
+        if let Some(judge) = rejudged {
+            gate.judge = judge;
+            gate.last = seen;
+            gate.next_look_ms = (ms(now) + interval).min(ms(request.decide_by)).max(ms(now) + 1);
+            return Ok(());
+        }
         if let Err(e) = gate.judge.handle_window(now, &window) {
             tracing::warn!(deployment = id, error = %e, "analysis window refused");
         }
@@ -754,22 +827,11 @@ impl Fleet {
                     let hosts: Vec<u64> =
                         request.canary.iter().chain(&request.baseline).map(|h| h.0).collect();
                     let look = ms(request.window_start) + ms(self.config.analysis_interval);
-                    let last: HashMap<u64, HostCounters> =
-                        hosts.iter().map(|&h| (h, self.counters(h, &service))).collect();
-                    // Latency is judged only when the service reports it.
-                    // Latency is judged only when the service reports it, in the layout.
-                    let buckets = self.config.latency_buckets.clone();
-                    let latency =
-                        last.values().any(|c| c.latency_buckets.len() == buckets.counts());
-                    let config = if latency {
-                        JudgeConfig { buckets, ..JudgeConfig::default() }
-                    } else {
-                        JudgeConfig {
-                            metrics: vec![MetricConfig::error_rate()],
-                            buckets,
-                            ..JudgeConfig::default()
-                        }
-                    };
+                    let last: HashMap<u64, HostCounters> = hosts
+                        .iter()
+                        .filter_map(|&h| Some((h, self.observed(h, &service, now)?)))
+                        .collect();
+                    let config = self.judge_config(&last);
                     match Judge::for_gate(config, &request) {
                         Ok(judge) => {
                             if let Some(live) = self.live.get_mut(&id) {

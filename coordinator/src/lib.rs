@@ -30,6 +30,7 @@ pub mod daemon;
 pub mod deploy;
 pub mod fleet;
 pub mod nodes;
+pub mod promql;
 pub mod rollout;
 pub mod store;
 pub mod view;
