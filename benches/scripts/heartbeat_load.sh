@@ -5,6 +5,7 @@
 #   benches/scripts/heartbeat_load.sh                       # builds, then 1 run
 #   RUNS=5 benches/scripts/heartbeat_load.sh
 #   HOSTS=50000 RATE=10000 DURATION=30 CONNECTIONS=32 NO_BUILD=1 benches/scripts/heartbeat_load.sh
+#   COORDINATOR_BIN=/path/to/fleetwave-coordinator NO_BUILD=1 benches/scripts/heartbeat_load.sh
 #
 # Each run starts `fleetwave-coordinator` on a fresh data directory under WORK_PARENT (default
 # /var/tmp) on 127.0.0.1 ephemeral ports, runs `heartbeat_load` against it (enroll every host,
@@ -52,7 +53,7 @@ echo "heartbeat_load: $HOSTS hosts, $RATE heartbeats/s for $DURATION s, $CONNECT
 for run in $(seq 1 "$RUNS"); do
     DATA="$WORK/coordinator-$run"
     mkdir -p "$DATA"
-    FLEETWAVE_LOG=${FLEETWAVE_LOG:-warn} "$BIN/fleetwave-coordinator" --data-dir "$DATA" \
+    FLEETWAVE_LOG=${FLEETWAVE_LOG:-warn} "${COORDINATOR_BIN:-$BIN/fleetwave-coordinator}" --data-dir "$DATA" \
         --listen-grpc 127.0.0.1:0 --listen-api 127.0.0.1:0 \
         --trust "$WORK/release.key.pub" --join-token-file "$WORK/join.token" \
         --heartbeat-interval 5s --lost-after 60s 2>"$WORK/coordinator-$run.log" &

@@ -16,6 +16,10 @@ use fleetwave_coordinator::auth::{Role, generate_token, hash_token};
 use fleetwave_coordinator::daemon::{self, Config, TokenConfig};
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Fleetwave coordinator: deployments, waves, gates and the hosts' desired state.
 #[derive(Debug, Parser)]
 #[command(name = "fleetwave-coordinator", version, about)]
