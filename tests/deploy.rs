@@ -715,3 +715,55 @@ fn judge_rolls_back(report: Report) {
         .expect("webhook notified");
     fleet.stop().expect("fleet stops");
 }
+
+#[test]
+fn a_coordinator_killed_during_a_gate_continues_its_evidence() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut fleet = fleet(&tmp.path().join("fleet"));
+    let counters = Arc::new(std::sync::Mutex::new(vec![(0, 0); fleet.hosts.len()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let hosts = fleet.hosts.iter().map(|h| (h.dir.clone(), h.ready_str("api"))).collect();
+    let service = play_service(hosts, Report::Push, counters, stop.clone());
+    let events = tmp.path().join("events.log");
+    let src = tmp.path().join("web");
+    tree(&src, "1.0.0", &events, "true");
+    publish(&fleet, &src, "1.0.0", &["staging", "prod"]);
+    let d1 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "50%", "bake": "200ms", "analysis": false}),
+    )
+    .expect("deploy 1.0.0");
+    assert_eq!(wait_final(&fleet, d1.id, Duration::from_secs(90)).state, "succeeded");
+    // A healthy release (0.5% errors, like 1.0.0), judged over a long bake.
+    tree(&src, "1.0.1", &events, "true");
+    publish(&fleet, &src, "1.0.1", &["staging", "prod"]);
+    let d2 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.1", "environment": "prod",
+            "strategy": "canary", "bake": "120s", "analysis": true}),
+    )
+    .expect("deploy 1.0.1");
+    let pending = |f: &LocalFleet| {
+        let d = f.api.deployment(d2.id).ok()?;
+        d.gates.last().filter(|g| g.verdict == "pending").cloned()
+    };
+    // Several looks' worth of evidence (the canary serves about 1,000 requests a second).
+    let before = fleet
+        .wait("the canary's gate to gather evidence", Duration::from_secs(60), |f| {
+            pending(f).filter(|g| g.canary_requests >= 5_000)
+        })
+        .expect("gate evidence");
+    fleet.coordinator.kill9();
+    fleet.restart_coordinator().expect("coordinator restarts");
+    let after = fleet
+        .wait("the gate to be looked at again", Duration::from_secs(30), pending)
+        .expect("gate after restart");
+    stop.store(true, Ordering::Relaxed);
+    let _ = service.join();
+    assert_eq!(after.gate, before.gate, "the same gate: {after:?}");
+    // Started over, the window would hold one look's requests; it holds every one so far.
+    assert!(after.canary_requests >= before.canary_requests, "{before:?}\n{after:?}");
+    assert!(after.baseline_requests >= before.baseline_requests, "{before:?}\n{after:?}");
+    fleet.stop().expect("fleet stops");
+}

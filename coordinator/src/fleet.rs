@@ -179,6 +179,41 @@ struct OpenGate {
     totals: [u64; 4],
 }
 
+impl OpenGate {
+    fn record(&self) -> crate::store::OpenGateRecord {
+        crate::store::OpenGateRecord {
+            request: self.request.clone(),
+            judge: self.judge.snapshot(),
+            last: self.last.iter().map(|(&h, c)| (h, c.clone())).collect(),
+            totals: self.totals,
+            next_look_ms: self.next_look_ms,
+        }
+    }
+
+    /// The gate as kept in the store, if it is the gate of `request`.
+    /// The engine resumes from its log at millisecond times: the requests are the same if
+    /// they are at those times.
+    fn restored(record: crate::store::OpenGateRecord, request: &GateRequest) -> Option<Self> {
+        let at_ms = |r: &GateRequest| {
+            let mut r = r.clone();
+            r.window_start = Duration::from_millis(ms(r.window_start));
+            r.decide_by = Duration::from_millis(ms(r.decide_by));
+            r
+        };
+        if at_ms(&record.request) != at_ms(request) {
+            return None;
+        }
+        let judge = Judge::restore(record.judge).ok()?;
+        Some(Self {
+            request: request.clone(),
+            judge,
+            last: record.last.into_iter().collect(),
+            next_look_ms: record.next_look_ms,
+            totals: record.totals,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Live {
     id: u64,
@@ -718,6 +753,8 @@ impl Fleet {
             gate.judge = judge;
             gate.last = seen;
             gate.next_look_ms = (ms(now) + interval).min(ms(request.decide_by)).max(ms(now) + 1);
+            let record = gate.record();
+            self.store.put_gate(id, &record)?;
             return Ok(());
         }
         if let Err(e) = gate.judge.handle_window(now, &window) {
@@ -743,9 +780,13 @@ impl Fleet {
             decided_ms: None,
         };
         let Some(verdict) = verdict else {
+            // The evidence so far survives a restart of the coordinator.
+            let record = gate.record();
+            self.store.put_gate(id, &record)?;
             self.record_gate(id, gate_view);
             return Ok(());
         };
+        self.store.remove_gate(id)?;
         gate_view.verdict = match verdict {
             crate::rollout::Verdict::Pass => "pass",
             crate::rollout::Verdict::Fail => "fail",
@@ -832,8 +873,20 @@ impl Fleet {
                         .filter_map(|&h| Some((h, self.observed(h, &service, now)?)))
                         .collect();
                     let config = self.judge_config(&last);
-                    match Judge::for_gate(config, &request) {
-                        Ok(judge) => {
+                    // A coordinator restarted during the gate continues its evidence.
+                    let kept = self.store.gate(id)?.and_then(|g| OpenGate::restored(g, &request));
+                    match (kept, Judge::for_gate(config, &request)) {
+                        (Some(gate), _) => {
+                            tracing::info!(
+                                deployment = id,
+                                gate = request.gate.0,
+                                "gate evidence restored"
+                            );
+                            if let Some(live) = self.live.get_mut(&id) {
+                                live.gate = Some(gate);
+                            }
+                        }
+                        (None, Ok(judge)) => {
                             if let Some(live) = self.live.get_mut(&id) {
                                 live.gate = Some(OpenGate {
                                     request,
@@ -845,7 +898,7 @@ impl Fleet {
                             }
                         }
                         // No verdict: the engine holds the rollout at the gate's deadline.
-                        Err(e) => {
+                        (None, Err(e)) => {
                             tracing::error!(deployment = id, error = %e, "cannot judge the gate")
                         }
                     }
@@ -908,8 +961,10 @@ impl Fleet {
         let (service, env) = (record.spec.service.clone(), record.spec.environment.clone());
         self.store.put_deployment(record)?;
         self.store.trim_log(id, snapshot.0)?;
+        self.store.remove_gate(id)?;
         if let Some(live) = self.live.get_mut(&id) {
             live.snap_seq = snapshot.0;
+            live.gate = None;
         }
         tracing::info!(deployment = id, %service, %env, %outcome, "deployment ended");
         self.start_next(now, &service, &env)

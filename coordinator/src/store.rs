@@ -458,7 +458,24 @@ pub struct Store {
     log: sled::Tree,
     audit: sled::Tree,
     tokens: sled::Tree,
+    gates: sled::Tree,
     commits: Arc<Commits>,
+}
+
+/// A deployment's open analysis gate as of its last look: what a restarted coordinator
+/// continues from instead of starting the gate's evidence over.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpenGateRecord {
+    /// The engine's request (the gate continues only if the resumed engine asks the same).
+    pub request: crate::rollout::GateRequest,
+    /// The judge.
+    pub judge: crate::analysis::JudgeSnapshot,
+    /// Each host's counters at the last look.
+    pub last: Vec<(u64, crate::analysis_gate::HostCounters)>,
+    /// Requests and errors of canary and baseline so far.
+    pub totals: [u64; 4],
+    /// When the next look is due (ms).
+    pub next_look_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -527,6 +544,7 @@ impl Store {
             log: db.open_tree("log")?,
             audit: db.open_tree("audit")?,
             tokens: db.open_tree("tokens")?,
+            gates: db.open_tree("gates")?,
             commits: Arc::default(),
             db,
         })
@@ -727,6 +745,23 @@ impl Store {
     /// Writes a deployment record.
     pub fn put_deployment(&self, record: &DeploymentRecord) -> Result<(), StoreError> {
         self.deployments.insert(record.id.to_be_bytes(), encode(record))?;
+        Ok(())
+    }
+
+    /// Keeps deployment `deployment`'s open gate.
+    pub fn put_gate(&self, deployment: u64, gate: &OpenGateRecord) -> Result<(), StoreError> {
+        self.gates.insert(deployment.to_be_bytes(), encode(gate))?;
+        Ok(())
+    }
+
+    /// Deployment `deployment`'s open gate, if one was kept.
+    pub fn gate(&self, deployment: u64) -> Result<Option<OpenGateRecord>, StoreError> {
+        self.gates.get(deployment.to_be_bytes())?.map(|v| decode("gates", &v)).transpose()
+    }
+
+    /// Forgets deployment `deployment`'s open gate (decided, or the deployment ended).
+    pub fn remove_gate(&self, deployment: u64) -> Result<(), StoreError> {
+        self.gates.remove(deployment.to_be_bytes())?;
         Ok(())
     }
 
