@@ -137,11 +137,15 @@
 //!   consecutive timeout up to [`SwarmConfig::timeout_backoff_max`]. A piece from it resets the
 //!   streak. While stalled its chunks do not count as available, so if it alone had a chunk, the
 //!   chunk goes to the cache.
-//! - **Busy**: a [`RejectReason::Busy`] backs the peer off for [`SwarmConfig::busy_backoff`] and
-//!   re-issues the chunk elsewhere; its chunks still count as available. `NotHave` corrects our
-//!   view of the peer's chunks. `Banned` (the peer refuses us) stops all requests to it and its
-//!   chunks stop counting. `SeededRecently` keeps the chunk from caches and the origin for
-//!   [`SwarmConfig::seeded_defer`].
+//! - **Busy**: a [`RejectReason::Busy`] backs the peer off for [`SwarmConfig::busy_backoff`]
+//!   (doubling with each consecutive `Busy` up to [`SwarmConfig::busy_backoff_max`]), halves
+//!   the number of requests we keep at it (its window, which grows back by one per window of
+//!   pieces it sends, up to [`SwarmConfig::max_in_flight_per_peer`]) and re-issues the chunk
+//!   elsewhere; its chunks still count as available. So a host keeps at each peer about what
+//!   that peer serves and queues for it, instead of finding its capacity by rejections.
+//!   `NotHave` corrects our view of the peer's chunks. `Banned` (the peer refuses us) stops
+//!   all requests to it and its chunks stop counting. `SeededRecently` keeps the chunk from
+//!   caches and the origin for [`SwarmConfig::seeded_defer`].
 //! - **Disconnect**: its outstanding requests are re-issued elsewhere.
 //! - **Write failure**: the chunk becomes wanted again.
 //!
@@ -428,6 +432,11 @@ pub struct SwarmConfig {
     /// chunk transfer time (a 256 KiB chunk in one of 8 slots of a 50 Mbit/s uplink: ~330 ms).
     /// A busy peer's chunks still count as available: it is saturated, not gone.
     pub busy_backoff: Duration,
+    /// Longest `Busy` back-off: each consecutive `Busy` from a peer (no piece from it in
+    /// between) doubles [`busy_backoff`](Self::busy_backoff) up to this. Default 2 s, the
+    /// upload queue's own timeout: a peer that keeps refusing is saturated by other
+    /// requesters, and asking it four times a second only adds rejections.
+    pub busy_backoff_max: Duration,
     /// How long after creation caches and the origin may be asked. Default 500 ms: enough for
     /// the region peers' bitfields to arrive, so that back-to-source requests are only for
     /// chunks that no peer has.
@@ -472,6 +481,7 @@ impl Default for SwarmConfig {
             timeout_backoff: Duration::from_secs(2),
             timeout_backoff_max: Duration::from_secs(60),
             busy_backoff: Duration::from_millis(250),
+            busy_backoff_max: Duration::from_secs(2),
             back_to_source_delay: Duration::from_millis(500),
             origin_permit_retry: Duration::from_secs(1),
             upload_slots: 8,
@@ -783,7 +793,7 @@ pub struct Scheduler {
     commands: VecDeque<Command>,
     progress: Progress,
     /// Scheduling pass counter, to visit each peer once per pass.
-    round: u64,
+    round: u32,
     scratch: Vec<(u16, u32, ChunkIndex)>,
 }
 
@@ -804,7 +814,9 @@ struct Peer {
     useful: u32,
     /// Its entry in `Scheduler::deadlines`.
     deadline: Option<Duration>,
-    visited: u64,
+    /// The scheduling pass (`Scheduler::round`) that last visited it. Only compared
+    /// for equality with the current pass; a staging scheduler makes far fewer than 2^32.
+    visited: u32,
     tiebreak: u32,
     rate: Option<u64>,
     last_piece_at: Option<Duration>,
@@ -815,6 +827,15 @@ struct Peer {
     busy_rejections: u32,
     hash_mismatches: u32,
     uploads: u32,
+    /// Requests it may have outstanding now (region peers; at most
+    /// [`SwarmConfig::max_in_flight_per_peer`], and at most 255): halved by a `Busy`, grown by
+    /// one per window of pieces from it, so that we keep about as many requests at a peer as
+    /// it serves and queues for us instead of learning its capacity from rejections.
+    window: u8,
+    /// Pieces since `window` last grew.
+    window_credit: u8,
+    /// `Busy` rejections since its last piece (the back-off doubles with each).
+    busy_streak: u8,
 }
 
 #[derive(Debug)]
@@ -1147,6 +1168,9 @@ impl Scheduler {
                 busy_rejections: 0,
                 hash_mismatches: 0,
                 uploads: 0,
+                window: self.max_window(),
+                window_credit: 0,
+                busy_streak: 0,
             },
         );
         if kind == PeerKind::Cache {
@@ -1277,10 +1301,17 @@ impl Scheduler {
             }
             PieceOutcome::Verified => {
                 let len = self.table.length(index);
+                let max_window = self.max_window();
                 let Some(p) = self.peers.get_mut(&peer) else { return Ok(PieceAction::Discard) };
                 p.chunks_received += 1;
                 p.bytes_received += u64::from(len);
                 p.consecutive_timeouts = 0;
+                p.busy_streak = 0;
+                p.window_credit = p.window_credit.saturating_add(1);
+                if p.window_credit >= p.window {
+                    p.window_credit = 0;
+                    p.window = p.window.saturating_add(1).min(max_window);
+                }
                 if let Some(sent) = sent {
                     let since = p.last_piece_at.map_or(sent, |last| last.max(sent));
                     let micros = now.saturating_sub(since).as_micros().max(1);
@@ -1330,10 +1361,16 @@ impl Scheduler {
         let requested = self.forget_request(peer, index).is_some();
         match reason {
             RejectReason::Busy if requested => {
+                let mut backoff = self.config.busy_backoff;
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.busy_rejections += 1;
+                    p.busy_streak = p.busy_streak.saturating_add(1);
+                    p.window = (p.window / 2).max(1);
+                    p.window_credit = 0;
+                    let factor = 1u32 << (p.busy_streak - 1).min(16);
+                    backoff = (backoff * factor).min(self.config.busy_backoff_max.max(backoff));
                 }
-                self.back_off(peer, Activity::Busy { until: now + self.config.busy_backoff });
+                self.back_off(peer, Activity::Busy { until: now + backoff });
             }
             RejectReason::Busy => {}
             RejectReason::NotHave => self.peer_loses(peer, index),
@@ -1960,16 +1997,22 @@ impl Scheduler {
         self.commands.push_back(Command::Complete);
     }
 
-    fn request_limit(&self, kind: PeerKind) -> u32 {
-        match kind {
-            PeerKind::Peer => self.config.max_in_flight_per_peer,
+    /// A region peer's largest request window.
+    fn max_window(&self) -> u8 {
+        self.config.max_in_flight_per_peer.min(u32::from(u8::MAX)) as u8
+    }
+
+    /// Requests `p` may have outstanding: a region peer's window, a source's fixed limit.
+    fn request_limit(&self, p: &Peer) -> u32 {
+        match p.kind {
+            PeerKind::Peer => u32::from(p.window),
             PeerKind::Cache | PeerKind::Origin => self.config.max_in_flight_back_to_source,
         }
     }
 
     /// Requests `p` could take now: its own limit, and for a region peer the shared budget.
     fn free_slots(&self, p: &Peer) -> u32 {
-        let own = self.request_limit(p.kind).saturating_sub(p.in_flight.len() as u32);
+        let own = self.request_limit(p).saturating_sub(p.in_flight.len() as u32);
         match p.kind {
             PeerKind::Peer => {
                 own.min(self.config.max_in_flight_total.saturating_sub(self.in_flight.region))
@@ -2015,7 +2058,7 @@ impl Scheduler {
         if self.is_complete() {
             return;
         }
-        self.round += 1;
+        self.round = self.round.wrapping_add(1);
         let round = self.round;
         let mut order = std::mem::take(&mut self.candidates);
         match only {
