@@ -76,6 +76,7 @@ enum Wire {
     Accept(u32),
     Refuse,
     Bitfield(u32),
+    /// A Request frame: the chunks in `World::batches` under this id.
     Request(u32),
     Cancel(u32),
     Reject(u32, RejectReason),
@@ -258,6 +259,10 @@ pub struct World {
     registry: Vec<Vec<u32>>,
     bitfields: Vec<Option<Bitfield>>,
     free_bitfields: Vec<u32>,
+    /// Chunk lists of Request frames in flight (one event per frame, as the daemon sends one
+    /// frame per `Command::Request`), and the free entries.
+    batches: Vec<Vec<u32>>,
+    free_batches: Vec<u32>,
     host_cfg: SwarmConfig,
     cache_cfg: SwarmConfig,
     origin_cfg: SwarmConfig,
@@ -391,6 +396,8 @@ impl World {
             registry: vec![Vec::new(); regions],
             bitfields: Vec::new(),
             free_bitfields: Vec::new(),
+            batches: Vec::new(),
+            free_batches: Vec::new(),
             host_cfg,
             cache_cfg,
             origin_cfg,
@@ -646,6 +653,10 @@ impl World {
             Ev::Wire { from, to, inc, msg } => {
                 if self.live(to, inc) {
                     self.wire(now, from, to, msg);
+                } else if let Wire::Request(id) = msg {
+                    // Lost with its receiver: free the frame's entry.
+                    self.batches[id as usize].clear();
+                    self.free_batches.push(id);
                 }
             }
             Ev::Announce { from, inc, index } => self.announce(now, from, inc, index),
@@ -857,10 +868,17 @@ impl World {
         let now = self.q.now();
         match cmd {
             Command::Request { peer, chunks } => {
-                let to = peer.0 as u32;
-                for index in chunks {
-                    self.send(node, to, Wire::Request(index));
-                }
+                let id = match self.free_batches.pop() {
+                    Some(id) => {
+                        self.batches[id as usize] = chunks;
+                        id
+                    }
+                    None => {
+                        self.batches.push(chunks);
+                        (self.batches.len() - 1) as u32
+                    }
+                };
+                self.send(node, peer.0 as u32, Wire::Request(id));
             }
             Command::Cancel { peer, index } => self.send(node, peer.0 as u32, Wire::Cancel(index)),
             Command::Reject { peer, index, reason } => {
@@ -1218,16 +1236,19 @@ impl World {
                 }
                 self.drain(to);
             }
-            Wire::Request(index) => {
-                if !self.connected(to, from) {
-                    return;
-                }
-                if let Some(s) = self.nodes[to as usize].sched.as_mut() {
-                    if s.handle_request(t, peer, index).is_err() {
-                        self.out.core_errors += 1;
+            Wire::Request(id) => {
+                let chunks = std::mem::take(&mut self.batches[id as usize]);
+                if self.connected(to, from) {
+                    if let Some(s) = self.nodes[to as usize].sched.as_mut() {
+                        for &index in &chunks {
+                            if s.handle_request(t, peer, index).is_err() {
+                                self.out.core_errors += 1;
+                            }
+                        }
                     }
+                    self.drain(to);
                 }
-                self.drain(to);
+                self.free_batches.push(id);
             }
             Wire::Cancel(index) => {
                 if !self.connected(to, from) {
