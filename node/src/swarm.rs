@@ -1509,7 +1509,8 @@ impl Scheduler {
                 changed = true;
             }
         }
-        changed |= self.deferred.expire(now);
+        // Deferral keeps chunks only from caches and the origin: its end concerns them alone.
+        let undeferred = self.deferred.expire(now);
         if !self.back_to_source_open && now >= self.started + self.config.back_to_source_delay {
             self.back_to_source_open = true;
             changed = true;
@@ -1523,8 +1524,10 @@ impl Scheduler {
         }
         if changed {
             self.clear_exhausted();
+        } else if undeferred {
+            self.clear_exhausted_sources();
         }
-        if changed || rescheduled {
+        if changed || rescheduled || undeferred {
             self.schedule(now, None);
         }
     }
@@ -1698,6 +1701,16 @@ impl Scheduler {
     /// wanted chunk advertised) stay skipped; they get a look when they advertise one.
     fn clear_exhausted(&mut self) {
         for id in self.useful.iter().chain(&self.sources) {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.exhausted = false;
+            }
+        }
+    }
+
+    /// Deferred chunks may be asked of sources again: the caches and the origin get a new look
+    /// (region peers are never kept from a deferred chunk, so nothing changed for them).
+    fn clear_exhausted_sources(&mut self) {
+        for id in &self.sources {
             if let Some(p) = self.peers.get_mut(id) {
                 p.exhausted = false;
             }
