@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use fleetwave_coordinator::view;
 use serde::de::DeserializeOwned;
 
@@ -387,19 +387,8 @@ impl LocalFleet {
         limit: Duration,
         mut f: impl FnMut(&Self) -> Option<T>,
     ) -> Result<T> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = f(self) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out after {limit:?} waiting for {what}; coordinator log:\n{}",
-                    self.log_tail("coordinator", 30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll_until(what, limit, || f(self))
+            .map_err(|e| anyhow!("{e}; coordinator log:\n{}", self.log_tail("coordinator", 30)))
     }
 
     /// Registers a published version with the coordinator (fetching its signed manifest from
@@ -514,5 +503,19 @@ impl Api {
     /// A deployment.
     pub fn deployment(&self, id: u64) -> Result<view::DeploymentView> {
         self.get(&format!("/api/v1/deployments/{id}"))
+    }
+}
+
+/// Polls `f` every 50 ms until it answers `Some`, for at most `limit`; the error names `what`.
+pub fn poll_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -435,14 +435,12 @@ impl Prometheus {
             });
         let server = Prometheus { child, url: format!("http://127.0.0.1:{port}") };
         let http = reqwest::blocking::Client::new();
-        for _ in 0..300 {
+        fleetwave::local::poll_until("prometheus to be ready", Duration::from_secs(30), || {
             let ready = http.get(format!("{}/-/ready", server.url)).send();
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("prometheus not ready in 30 s: see {}", dir.join("prometheus.log").display());
+            ready.is_ok_and(|r| r.status().is_success()).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: see {}", dir.join("prometheus.log").display()));
+        server
     }
 }
 
@@ -596,6 +594,20 @@ fn webhook() -> (String, Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
     (url, got)
 }
 
+/// Publishes `1.0.0` (healthy), promotes it to prod and rolls it out to every host: the
+/// baseline the canary tests judge their new release against.
+fn roll_out_baseline(fleet: &LocalFleet, src: &Path, events: &Path) {
+    tree(src, "1.0.0", events, "true");
+    publish(fleet, src, "1.0.0", &["staging", "prod"]);
+    let d1 = deploy(
+        &fleet.api,
+        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
+            "strategy": "rolling", "max_unavailable": "50%", "bake": "200ms", "analysis": false}),
+    )
+    .expect("deploy 1.0.0");
+    assert_eq!(wait_final(fleet, d1.id, Duration::from_secs(90)).state, "succeeded");
+}
+
 #[test]
 fn the_judge_rolls_back_a_canary_that_answers_errors() {
     judge_rolls_back(Report::Push);
@@ -649,15 +661,7 @@ fn judge_rolls_back(report: Report) {
     let hosts = fleet.hosts.iter().map(|h| (h.dir.clone(), h.ready_str("api"))).collect();
     let service = play_service(hosts, report, counters, stop.clone());
 
-    tree(&src, "1.0.0", &events, "true");
-    publish(&fleet, &src, "1.0.0", &["staging", "prod"]);
-    let d1 = deploy(
-        &fleet.api,
-        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
-            "strategy": "rolling", "max_unavailable": "50%", "bake": "200ms", "analysis": false}),
-    )
-    .expect("deploy 1.0.0");
-    assert_eq!(wait_final(&fleet, d1.id, Duration::from_secs(90)).state, "succeeded");
+    roll_out_baseline(&fleet, &src, &events);
 
     tree(&src, "1.1.0", &events, "true");
     publish(&fleet, &src, "1.1.0", &["staging", "prod"]);
@@ -726,15 +730,7 @@ fn a_coordinator_killed_during_a_gate_continues_its_evidence() {
     let service = play_service(hosts, Report::Push, counters, stop.clone());
     let events = tmp.path().join("events.log");
     let src = tmp.path().join("web");
-    tree(&src, "1.0.0", &events, "true");
-    publish(&fleet, &src, "1.0.0", &["staging", "prod"]);
-    let d1 = deploy(
-        &fleet.api,
-        serde_json::json!({"service": "web", "version": "1.0.0", "environment": "prod",
-            "strategy": "rolling", "max_unavailable": "50%", "bake": "200ms", "analysis": false}),
-    )
-    .expect("deploy 1.0.0");
-    assert_eq!(wait_final(&fleet, d1.id, Duration::from_secs(90)).state, "succeeded");
+    roll_out_baseline(&fleet, &src, &events);
     // A healthy release (0.5% errors, like 1.0.0), judged over a long bake.
     tree(&src, "1.0.1", &events, "true");
     publish(&fleet, &src, "1.0.1", &["staging", "prod"]);
