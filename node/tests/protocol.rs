@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use fleetwave_chunker::ManifestId;
 use fleetwave_chunker::manifest::MAX_CHUNKS;
 use fleetwave_node::protocol::{
@@ -351,12 +351,25 @@ fn piece_stream(index: ChunkIndex, body: &[u8]) -> BytesMut {
 }
 
 /// Feeds `wire` to a piece decoder in two parts; returns the header and the body it produced.
-fn read_piece(wire: &[u8], split: usize) -> Result<(PieceHeader, Vec<u8>), FrameError> {
+/// `direct`: once the header is taken, parts go to `decode_bytes` as the daemon feeds them
+/// (no buffer); otherwise every part goes through the buffer and `decode`.
+fn read_piece(
+    wire: &[u8],
+    split: usize,
+    direct: bool,
+) -> Result<(PieceHeader, Vec<u8>), FrameError> {
     let mut decoder = PieceDecoder::new();
     let mut buf = BytesMut::new();
     let mut header = None;
     let mut body = Vec::new();
     for part in [&wire[..split], &wire[split..]] {
+        if direct && buf.is_empty() && decoder.in_body() {
+            let mut bytes = Bytes::copy_from_slice(part);
+            while let Some(data) = decoder.decode_bytes(&mut bytes)? {
+                body.extend_from_slice(&data);
+            }
+            continue;
+        }
         buf.extend_from_slice(part);
         while let Some(data) = decoder.decode(&mut buf)? {
             match data {
@@ -377,13 +390,20 @@ fn read_piece(wire: &[u8], split: usize) -> Result<(PieceHeader, Vec<u8>), Frame
 fn piece_streams_decode_at_every_byte_boundary() {
     let body: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
     let wire = piece_stream(5, &body);
-    for split in 0..=wire.len() {
-        let (header, got) = read_piece(&wire, split).expect("piece decodes");
-        assert_eq!(header, PieceHeader { index: 5, length: 300 });
-        assert_eq!(got, body, "split at {split}");
+    for direct in [false, true] {
+        for split in 0..=wire.len() {
+            let (header, got) = read_piece(&wire, split, direct).expect("piece decodes");
+            assert_eq!(header, PieceHeader { index: 5, length: 300 });
+            assert_eq!(got, body, "split at {split}, direct {direct}");
+        }
+        let empty = piece_stream(3, &[]);
+        let got = read_piece(&empty, 1, direct);
+        assert_eq!(got, Ok((PieceHeader { index: 3, length: 0 }, vec![])));
     }
-    let empty = piece_stream(3, &[]);
-    assert_eq!(read_piece(&empty, 1), Ok((PieceHeader { index: 3, length: 0 }, vec![])));
+    // Before its header, a piece stream's bytes cannot be taken as its body.
+    let mut bytes = Bytes::from_static(&[1, 2, 3]);
+    assert_eq!(PieceDecoder::new().decode_bytes(&mut bytes), Err(FrameError::MissingPieceHeader));
+    assert_eq!(bytes.len(), 3, "nothing taken");
 }
 
 #[test]
@@ -391,10 +411,13 @@ fn broken_piece_streams_are_refused() {
     // Extra bytes after the piece.
     let mut wire = piece_stream(2, &[1, 2, 3]);
     wire.extend_from_slice(&[9, 9]);
-    for split in 0..=wire.len() {
+    for (split, direct) in (0..=wire.len()).flat_map(|s| [(s, false), (s, true)]) {
         assert!(
-            matches!(read_piece(&wire, split), Err(FrameError::TrailingBytes { index: 2, .. })),
-            "split at {split}"
+            matches!(
+                read_piece(&wire, split, direct),
+                Err(FrameError::TrailingBytes { index: 2, .. })
+            ),
+            "split at {split}, direct {direct}"
         );
     }
     // The stream ends early.

@@ -521,20 +521,45 @@ impl PieceDecoder {
                 }
                 Some(other) => Err(FrameError::NotAPiece { got: other.kind() }),
             },
-            PieceState::Body { .. } if buf.is_empty() => Ok(None),
+            PieceState::Body { .. } | PieceState::Done { .. } => {
+                Ok(self.take_body(buf.len())?.map(|n| PieceData::Bytes(buf.split_to(n).freeze())))
+            }
+        }
+    }
+
+    /// Whether the header has been taken: what follows is the chunk's bytes, which
+    /// [`decode_bytes`](Self::decode_bytes) takes without copying them.
+    pub fn in_body(&self) -> bool {
+        !matches!(self.state, PieceState::Header)
+    }
+
+    /// Takes the chunk's bytes from the front of `bytes` once the header has been taken (as
+    /// [`decode`](Self::decode) does, without copying them into a buffer). Before the header it
+    /// takes nothing and fails with [`FrameError::MissingPieceHeader`].
+    pub fn decode_bytes(&mut self, bytes: &mut Bytes) -> Result<Option<Bytes>, FrameError> {
+        if !self.in_body() {
+            return Err(FrameError::MissingPieceHeader);
+        }
+        Ok(self.take_body(bytes.len())?.map(|n| bytes.split_to(n)))
+    }
+
+    /// How many of `available` body bytes to take (`None`: none are available), advancing
+    /// the state; past the piece's end, [`FrameError::TrailingBytes`].
+    fn take_body(&mut self, available: usize) -> Result<Option<usize>, FrameError> {
+        match self.state {
+            PieceState::Header => Ok(None),
+            _ if available == 0 => Ok(None),
             PieceState::Body { index, remaining } => {
-                let take = buf.len().min(remaining as usize);
-                let data = buf.split_to(take).freeze();
+                let take = available.min(remaining as usize);
                 let remaining = remaining - take as u32;
                 self.state = match remaining {
                     0 => PieceState::Done { index },
                     remaining => PieceState::Body { index, remaining },
                 };
-                Ok(Some(PieceData::Bytes(data)))
+                Ok(Some(take))
             }
-            PieceState::Done { .. } if buf.is_empty() => Ok(None),
             PieceState::Done { index } => {
-                Err(FrameError::TrailingBytes { index, extra: buf.len() })
+                Err(FrameError::TrailingBytes { index, extra: available })
             }
         }
     }
