@@ -454,6 +454,8 @@ pub struct SwarmConfig {
     pub upload_queue_timeout: Duration,
     /// Source side ("super-seeding"): a chunk sent to one host is refused to other hosts
     /// ([`RejectReason::SeededRecently`]) for this long, so that they take it from that host.
+    /// The window starts when the upload is accepted and starts again when it ends
+    /// ([`Scheduler::handle_upload_done`]), so a long upload queue does not eat it.
     /// Caches asking are always served (they pull through for a whole region). Zero (the
     /// default) turns it off, which is right for hosts: they should share freely. The cache and
     /// origin roles set it to about the time a chunk takes to spread through the region (1 s):
@@ -923,7 +925,7 @@ struct InFlight {
 struct Uploads {
     active: Vec<(PeerId, ChunkIndex)>,
     queue: VecDeque<Queued>,
-    /// With a `seed_window`: when each chunk was last accepted for a host (allocated on first
+    /// With a `seed_window`: when each chunk was last accepted for, or sent to, a host (allocated on first
     /// use, so only sources pay for it).
     seeded: Vec<Option<Duration>>,
 }
@@ -1632,8 +1634,17 @@ impl Scheduler {
             return Err(EventError::NotServing { peer, index });
         };
         self.uploads.active.swap_remove(at);
-        if let Some(p) = self.peers.get_mut(&peer) {
+        let kind = self.peers.get_mut(&peer).map(|p| {
             p.uploads -= 1;
+            p.kind
+        });
+        // The seed window runs from when the host has the chunk, not from when its upload was
+        // accepted: a source with a long queue would otherwise let the window lapse before
+        // the first host could announce it.
+        if !self.config.seed_window.is_zero() && kind.is_some_and(|k| k != PeerKind::Cache) {
+            if let Some(at) = self.uploads.seeded.get_mut(index as usize) {
+                *at = Some(now);
+            }
         }
         self.serve_queue();
         Ok(())

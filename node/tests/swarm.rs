@@ -1034,6 +1034,31 @@ fn super_seeding_refuses_a_chunk_just_sent_and_the_refused_host_waits_for_peers(
 }
 
 #[test]
+fn the_seed_window_runs_from_the_end_of_the_upload() {
+    let n = 2;
+    let mut source =
+        Scheduler::new(ms(0), table(n), &Bitfield::full(n), source_config(), 12).expect("new");
+    drain(&mut source);
+    let (a, b) = (PeerId(1), PeerId(2));
+    source.handle_connected(ms(0), a, PeerKind::Peer).expect("connect");
+    source.handle_connected(ms(0), b, PeerKind::Peer).expect("connect");
+    source.handle_request(ms(0), a, 0).expect("request");
+    // Sending the chunk to `a` took 900 ms (a long queue at the source): `a` holds it only
+    // from then, so the window of 1 s counts from there, not from the request.
+    source.handle_upload_done(ms(900), a, 0).expect("done");
+    source.handle_request(ms(1_500), b, 0).expect("request");
+    source.handle_request(ms(1_901), b, 0).expect("request");
+    assert_eq!(
+        drain(&mut source),
+        vec![
+            Command::Serve { peer: a, index: 0 },
+            Command::Reject { peer: b, index: 0, reason: RejectReason::SeededRecently },
+            Command::Serve { peer: b, index: 0 },
+        ]
+    );
+}
+
+#[test]
 fn a_write_failure_fetches_the_chunk_again() {
     let n = 1;
     let mut core =
