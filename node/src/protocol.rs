@@ -79,7 +79,10 @@
 //!   bits zero ([`Bitfield::to_bytes`]). Optional; this implementation sends one as soon as
 //!   the handshake is complete. Only durably stored chunks are advertised.
 //! - **Have** `{indices}`: the sender now holds these chunks too. 1 to [`MAX_BATCH`] indices;
-//!   consecutive announcements are batched into one frame.
+//!   consecutive announcements are batched into one frame. A sender may leave out chunks the
+//!   receiver has advertised itself (this implementation does, "have suppression"), so a
+//!   receiver's view of a peer is complete only for the chunks it lacks, which are the ones it
+//!   asks for.
 //! - **Request** `{indices}`: please send these chunks, most wanted first. 1 to [`MAX_BATCH`]
 //!   indices, none of them already open on this connection. Each index opens one request.
 //! - **Cancel** `{indices}`: withdraw the open requests for these chunks. 1 to [`MAX_BATCH`]

@@ -21,6 +21,8 @@
 //! - **held**: durable on disk ([`Scheduler::handle_written`]). Only held chunks are announced
 //!   ([`Command::Announce`]) and served, so a peer never fetches a chunk this host could lose in
 //!   a crash. [`Scheduler::bitfield`] is the held set, to send to each newly connected peer.
+//!   A chunk is announced to the connected peers not known to hold it already (have
+//!   suppression: a region peer whose bitfield or haves show it is not told).
 //!
 //! # Sources
 //!
@@ -164,9 +166,10 @@
 //!
 //! Per scheduler: the held set (n/8 bytes); while staging, 11 bytes per chunk for the rarest-first
 //! order (released on completion); per peer under 200 bytes, its in-flight requests, and its
-//! bitfield (n/8 bytes, dropped when the peer has everything, which caches, the origin and
-//! finished hosts do); with a `seed_window` (sources only), 24 bytes per chunk. For 3,200 chunks
-//! and 50 half-done peers that is about 75 KB while staging and 10 KB once complete.
+//! bitfield (n/8 bytes, dropped when the peer is known to have everything: caches, the origin,
+//! and finished hosts unless have suppression kept some of their chunks from us); with a
+//! `seed_window` (sources only), 24 bytes per chunk. For 3,200 chunks and 50 half-done peers
+//! that is about 75 KB while staging and 10 KB once complete.
 //!
 //! A have-announcement costs O(1); a piece costs O(requests picked) plus O(useful peers) (those
 //! advertising a wanted chunk); passes over candidates (when the global request budget was
@@ -322,10 +325,18 @@ pub enum Command {
         /// The chunk.
         index: ChunkIndex,
     },
-    /// Tell every connected peer that this chunk is now held (durably).
+    /// Tell these connected peers that this chunk is now held (durably): a Have to each.
+    ///
+    /// **Have suppression**: region peers whose bitfield or haves already show the chunk are
+    /// left out (they gain nothing from it: a held chunk is never wanted again, and what they
+    /// know of our chunks matters to them only for the chunks they want), as BitTorrent clients
+    /// do. Caches and the origin are always told: that they have every chunk is only our
+    /// assumption. May be empty (every peer has it); emitted once per chunk held either way.
     Announce {
         /// The chunk.
         index: ChunkIndex,
+        /// Whom to tell, in id order.
+        peers: Vec<PeerId>,
     },
     /// Send this chunk to `peer`; report [`Scheduler::handle_upload_done`] when finished.
     Serve {
@@ -1410,7 +1421,14 @@ impl Scheduler {
             Source::Cache => self.progress.cache.add(len),
             Source::Origin => self.progress.origin.add(len),
         }
-        self.commands.push_back(Command::Announce { index });
+        // Have suppression (see `Command::Announce`): before `finish` forgets the bitfields.
+        let peers = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.kind != PeerKind::Peer || !p.bits.has(index))
+            .map(|(&id, _)| id)
+            .collect();
+        self.commands.push_back(Command::Announce { index, peers });
         if self.have.is_full() {
             self.finish();
         }

@@ -579,8 +579,8 @@ fn bitfields_and_haves_become_scheduler_events() {
     let (mut a, mut b) = pair();
     let bits = Bitfield::from_indices(N, [0, 3, 19]).expect("bits");
     a.send_bitfield(&bits).expect("bitfield");
-    a.send_command(&Command::Announce { index: 4 }).expect("announce");
-    a.send_command(&Command::Announce { index: 5 }).expect("announce");
+    a.send_command(&Command::Announce { index: 4, peers: vec![] }).expect("announce");
+    a.send_command(&Command::Announce { index: 5, peers: vec![] }).expect("announce");
     pump(&mut a, &mut b).expect("delivered");
     assert_eq!(events(&mut b), vec![Event::Bitfield(bits), Event::Have(4), Event::Have(5)]);
 }
@@ -766,13 +766,13 @@ fn a_re_request_waits_for_the_cancelled_answer() {
 fn commands_are_batched_in_order() {
     let (mut a, mut b) = pair();
     for command in [
-        Command::Announce { index: 1 },
-        Command::Announce { index: 2 },
+        Command::Announce { index: 1, peers: vec![] },
+        Command::Announce { index: 2, peers: vec![] },
         request(&[3]),
         request(&[4, 5]),
         Command::Cancel { peer: PeerId(1), index: 3 },
         Command::Cancel { peer: PeerId(1), index: 4 },
-        Command::Announce { index: 6 },
+        Command::Announce { index: 6, peers: vec![] },
         Command::RequestOriginPermit,
         Command::Complete,
     ] {
@@ -791,7 +791,7 @@ fn commands_are_batched_in_order() {
     );
     // Batches stay within MAX_BATCH.
     for index in 0..N {
-        a.send_command(&Command::Announce { index }).expect("announce");
+        a.send_command(&Command::Announce { index, peers: vec![] }).expect("announce");
     }
     assert_eq!(frames(&mut a), vec![Frame::Have((0..N).collect())]);
     assert_eq!(
@@ -806,7 +806,10 @@ fn commands_are_batched_in_order() {
 #[test]
 fn before_the_handshake_only_announcements_are_tolerated() {
     let mut a = Session::new(config(PeerKind::Peer)).expect("session");
-    assert_eq!(a.send_command(&Command::Announce { index: 1 }), Ok(Outbound::Nothing));
+    assert_eq!(
+        a.send_command(&Command::Announce { index: 1, peers: vec![] }),
+        Ok(Outbound::Nothing)
+    );
     assert_eq!(a.send_command(&request(&[1])), Err(SendError::NotEstablished));
     assert_eq!(a.send_command(&serve(1)), Err(SendError::NotEstablished));
     assert_eq!(a.send_bitfield(&Bitfield::new(N)), Err(SendError::NotEstablished));
@@ -923,7 +926,7 @@ impl Swarm {
         let now = self.now;
         while let Some(command) = self.daemons[d].core.poll_command() {
             let targets: Vec<usize> = match &command {
-                Command::Announce { .. } => self.daemons[d].sessions.keys().copied().collect(),
+                Command::Announce { peers, .. } => peers.iter().map(|p| p.0 as usize).collect(),
                 Command::Request { peer, .. }
                 | Command::Cancel { peer, .. }
                 | Command::Serve { peer, .. }

@@ -274,10 +274,12 @@ impl Net {
                 assert!(removed, "node {i} cancels {index} at {j}, never asked");
                 self.send(i, j, Msg::Cancel(index), self.latency);
             }
-            Command::Announce { index } => {
+            Command::Announce { index, peers } => {
                 assert!(self.nodes[i].core.has(index));
-                for j in 0..self.nodes.len() {
-                    if j != i && self.linked(i, j) {
+                for peer in peers {
+                    let j = index_of(peer);
+                    assert!(j != i, "node {i} announces to itself");
+                    if self.linked(i, j) {
                         self.send(i, j, Msg::Have(index), self.latency);
                     }
                 }
@@ -663,6 +665,40 @@ fn drain(core: &mut Scheduler) -> Vec<Command> {
     std::iter::from_fn(|| core.poll_command()).collect()
 }
 
+#[test]
+fn a_chunk_is_announced_only_to_the_peers_not_known_to_hold_it() {
+    let n = 2;
+    let mut core =
+        Scheduler::new(ms(0), table(n), &Bitfield::new(n), quiet_config(), 4).expect("new");
+    // a and b hold chunk 0 (a's bitfield, b's have), c has said nothing yet, d holds chunk 1;
+    // the cache is assumed to have everything, which is no reason to keep it uninformed.
+    let (a, b, c, d, cache) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4), PeerId(9));
+    for p in [a, b, c, d] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    core.handle_bitfield(ms(0), a, bits(n, [0])).expect("bits");
+    core.handle_bitfield(ms(0), b, bits(n, [])).expect("bits");
+    core.handle_bitfield(ms(0), d, bits(n, [1])).expect("bits");
+    core.handle_have(ms(1), b, 0).expect("have");
+    // Connected once no chunk is region-rare, so it is asked for nothing.
+    core.handle_connected(ms(1), cache, PeerKind::Cache).expect("connect");
+    let asked = requests(&drain(&mut core));
+    let (from, _) = asked.iter().find(|(_, chunks)| chunks.contains(&0)).expect("0 asked");
+    assert!(*from == a || *from == b, "chunk 0 asked of {from:?}");
+    let action = core.handle_piece(ms(2), *from, 0, PieceOutcome::Verified).expect("piece");
+    assert_eq!(action, PieceAction::Write);
+    drain(&mut core);
+    core.handle_written(ms(3), 0).expect("written");
+    let announced: Vec<_> = drain(&mut core)
+        .into_iter()
+        .filter_map(|cmd| match cmd {
+            Command::Announce { index, peers } => Some((index, peers)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(announced, vec![(0, vec![c, d, cache])]);
+}
+
 fn quiet_config() -> SwarmConfig {
     SwarmConfig {
         random_first_chunks: 0,
@@ -805,7 +841,11 @@ fn a_timed_out_request_is_cancelled_and_reissued_elsewhere() {
     assert_eq!(late, PieceAction::Write);
     assert_eq!(drain(&mut core), vec![Command::Cancel { peer: b, index: 0 }]);
     core.handle_written(deadline + ms(4), 0).expect("written");
-    assert_eq!(drain(&mut core), vec![Command::Announce { index: 0 }, Command::Complete]);
+    // Both peers advertise every chunk: nobody needs the Have.
+    assert_eq!(
+        drain(&mut core),
+        vec![Command::Announce { index: 0, peers: vec![] }, Command::Complete]
+    );
     assert_eq!(core.progress().peer.chunks, 1);
 }
 
@@ -1330,7 +1370,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                 Command::Complete => {
                     prop_assert!(core.is_complete());
                 }
-                Command::Announce { index } => prop_assert!(core.has(index)),
+                Command::Announce { index, .. } => prop_assert!(core.has(index)),
                 Command::Serve { .. } | Command::Reject { .. } => {
                     prop_assert!(false, "nobody asked to be served")
                 }

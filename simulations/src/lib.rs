@@ -48,19 +48,21 @@
 //!   ([`artifact`]); pieces carry the chunk's BLAKE3 hash, which the receiver's shell checks
 //!   against the manifest, as the daemon checks the bytes. A host whose store is corrupt
 //!   serves hashes that do not match.
-//! - **Chunk size.** The cost of a run is per chunk per host (requests, pieces, and one have
-//!   per connected peer per chunk), so the large scenarios use 1 MiB average chunks (about 150
-//!   chunks per 200 MB) instead of the publish default of 64 KiB (about 2,350): 50,000 hosts at
-//!   64 KiB would be 118 million host-chunks and billions of have deliveries. Larger chunks
-//!   make pipelining coarser, so if anything they lengthen the simulated staging time.
+//! - **Chunk size.** The cost of a run is per chunk per host (requests, pieces, and a have to
+//!   each connected peer not known to hold the chunk), so the large scenarios use 1 MiB
+//!   average chunks (about 150 chunks per 200 MB) instead of the publish default of 64 KiB
+//!   (about 2,350): 50,000 hosts at 64 KiB would be 118 million host-chunks and billions of
+//!   have deliveries. Larger chunks make pipelining coarser, so if anything they lengthen the
+//!   simulated staging time.
 //!
 //! # What the shells do
 //!
 //! See [`world`]: sources (caches in order, then the origin, with the origin's host cap),
 //! rendezvous (a uniform random sample of the hosts registered in the region, per query),
-//! bitfields on connect, haves to every connected peer, group commit, whole-artifact check,
-//! reports to the coordinator, desired state applied by each host, failure detection by
-//! timeouts (QUIC idle timeout for peers, missed heartbeats for the coordinator).
+//! bitfields on connect, haves to the peers the scheduler names (one event per broadcast),
+//! group commit, whole-artifact check, reports to the coordinator, desired state applied by
+//! each host, failure detection by timeouts (QUIC idle timeout for peers, missed heartbeats
+//! for the coordinator).
 //!
 //! # Scenarios and output
 //!

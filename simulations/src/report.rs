@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::artifact::Artifact;
 use crate::engine::secs;
 use crate::scenario::Scenario;
-use crate::world::{Outcome, Rel};
+use crate::world::{Outcome, Rel, Traffic};
 
 /// The lower bound of one region, with its terms (seconds).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -199,6 +199,8 @@ pub struct Report {
     pub completion_percentiles: Vec<f64>,
     /// Swarm counters.
     pub swarm: SwarmReport,
+    /// Events by kind (what a run costs).
+    pub traffic: Traffic,
     /// The rollout, if one ran.
     pub rollout: Option<RolloutReport>,
     /// Checks.
@@ -371,6 +373,7 @@ impl Report {
                 .filter_map(|p| percentile(&all, f64::from(p)))
                 .collect(),
             swarm,
+            traffic: outcome.traffic,
             rollout,
             invariants,
             series,
@@ -465,6 +468,27 @@ impl Report {
             w.hash_mismatches,
             w.bans,
             w.timeouts
+        );
+        let t = &self.traffic;
+        let m = |v: u64| v as f64 / 1e6;
+        let _ = writeln!(
+            s,
+            "events (M): {:.2} request frames ({:.2} chunks), {:.2} Busy, {:.2} SeededRecently, \
+             {:.2} other rejects, {:.2} cancels, {:.2} pieces, {:.2} flows done, {:.2} ticks, \
+             {:.2} have broadcasts ({:.2} haves delivered), {:.2} timers, {:.2} other",
+            m(t.request_frames),
+            m(t.requested_chunks),
+            m(t.busy),
+            m(t.seeded_recently),
+            m(t.other_rejects),
+            m(t.cancels),
+            m(t.pieces),
+            m(t.flows_done),
+            m(t.ticks),
+            m(t.announces),
+            m(t.haves_delivered),
+            m(t.timers),
+            m(t.other)
         );
         if let Some(r) = &self.rollout {
             let _ = writeln!(

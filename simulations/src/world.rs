@@ -90,7 +90,7 @@ enum Ev {
     FlowDone(FlowId),
     Piece { from: u32, to: u32, inc: u32, index: u32, corrupt: bool },
     Wire { from: u32, to: u32, inc: u32, msg: Wire },
-    Announce { from: u32, inc: u32, index: u32 },
+    Announce { from: u32, inc: u32, index: u32, list: u32 },
     Timer { node: u32, generation: u32 },
     Sync { node: u32, inc: u32 },
     SourceRound { node: u32, inc: u32 },
@@ -208,6 +208,40 @@ pub struct Outcome {
     pub permits: (u64, u64),
     /// Hosts running the target when a rollback started.
     pub on_target_at_rollback: Option<u32>,
+    /// Events by kind, and the messages they carried.
+    pub traffic: Traffic,
+}
+
+/// What the events of a run were: where a run's cost goes (each event costs about the same,
+/// plus the scheduler calls it makes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Request frames delivered (one event each).
+    pub request_frames: u64,
+    /// Chunks those frames asked for.
+    pub requested_chunks: u64,
+    /// Rejections delivered with `Busy`.
+    pub busy: u64,
+    /// Rejections delivered with `SeededRecently`.
+    pub seeded_recently: u64,
+    /// Other rejections (`NotHave`, `Banned`).
+    pub other_rejects: u64,
+    /// Cancels delivered.
+    pub cancels: u64,
+    /// Pieces delivered (one event each, after the flow's `FlowDone`).
+    pub pieces: u64,
+    /// Flow completions.
+    pub flows_done: u64,
+    /// Network slot ticks.
+    pub ticks: u64,
+    /// Have broadcasts (one event each, however many peers it reaches).
+    pub announces: u64,
+    /// Haves handed to a staging scheduler (`handle_have` calls).
+    pub haves_delivered: u64,
+    /// Scheduler timers fired.
+    pub timers: u64,
+    /// Every other event (connections, bitfields, syncs, reports, the rollout).
+    pub other: u64,
 }
 
 /// One host's result.
@@ -455,6 +489,28 @@ impl World {
         self.finish()
     }
 
+    fn count(&mut self, ev: &Ev) {
+        let t = &mut self.out.traffic;
+        match ev {
+            Ev::Tick => t.ticks += 1,
+            Ev::FlowDone(_) => t.flows_done += 1,
+            Ev::Piece { .. } => t.pieces += 1,
+            Ev::Wire { msg: Wire::Request(id), .. } => {
+                t.request_frames += 1;
+                t.requested_chunks += self.batches[*id as usize].len() as u64;
+            }
+            Ev::Wire { msg: Wire::Reject(_, RejectReason::Busy), .. } => t.busy += 1,
+            Ev::Wire { msg: Wire::Reject(_, RejectReason::SeededRecently), .. } => {
+                t.seeded_recently += 1;
+            }
+            Ev::Wire { msg: Wire::Reject(..), .. } => t.other_rejects += 1,
+            Ev::Wire { msg: Wire::Cancel(_), .. } => t.cancels += 1,
+            Ev::Announce { .. } => t.announces += 1,
+            Ev::Timer { .. } => t.timers += 1,
+            _ => t.other += 1,
+        }
+    }
+
     fn seed_of(&self, node: u32) -> u64 {
         let inc = self.nodes.get(node as usize).map_or(0, |n| n.inc);
         let mut h = blake3::Hasher::new();
@@ -630,6 +686,7 @@ impl World {
     // Events
 
     fn handle(&mut self, now: Time, ev: Ev) {
+        self.count(&ev);
         match ev {
             Ev::Tick => {
                 if self.net.slot_end() == Some(now) {
@@ -655,11 +712,11 @@ impl World {
                     self.wire(now, from, to, msg);
                 } else if let Wire::Request(id) = msg {
                     // Lost with its receiver: free the frame's entry.
-                    self.batches[id as usize].clear();
-                    self.free_batches.push(id);
+                    let chunks = std::mem::take(&mut self.batches[id as usize]);
+                    self.unbatch(id, chunks);
                 }
             }
-            Ev::Announce { from, inc, index } => self.announce(now, from, inc, index),
+            Ev::Announce { from, inc, index, list } => self.announce(now, from, inc, index, list),
             Ev::Timer { node, generation } => {
                 let n = &self.nodes[node as usize];
                 if n.alive && n.timer_gen == generation {
@@ -868,23 +925,17 @@ impl World {
         let now = self.q.now();
         match cmd {
             Command::Request { peer, chunks } => {
-                let id = match self.free_batches.pop() {
-                    Some(id) => {
-                        self.batches[id as usize] = chunks;
-                        id
-                    }
-                    None => {
-                        self.batches.push(chunks);
-                        (self.batches.len() - 1) as u32
-                    }
-                };
+                let id = self.batch(chunks);
                 self.send(node, peer.0 as u32, Wire::Request(id));
             }
             Command::Cancel { peer, index } => self.send(node, peer.0 as u32, Wire::Cancel(index)),
             Command::Reject { peer, index, reason } => {
                 self.send(node, peer.0 as u32, Wire::Reject(index, reason));
             }
-            Command::Announce { index } => {
+            Command::Announce { index, peers } => {
+                if peers.is_empty() {
+                    return;
+                }
                 let lat = match self.nodes[node as usize].role {
                     Role::Origin => 0,
                     _ => nanos(
@@ -892,7 +943,8 @@ impl World {
                     ),
                 };
                 let inc = self.nodes[node as usize].inc;
-                self.q.after(lat, Ev::Announce { from: node, inc, index });
+                let list = self.batch(peers.iter().map(|p| p.0 as u32));
+                self.q.after(lat, Ev::Announce { from: node, inc, index, list });
             }
             Command::Serve { peer, index } => self.serve(now, node, peer.0 as u32, index),
             Command::Ban { peer, .. } => {
@@ -929,6 +981,28 @@ impl World {
             }
             Command::Complete => self.complete(now, node),
         }
+    }
+
+    /// Keeps `items` (a Request frame's chunks, a have broadcast's receivers) in `batches`
+    /// until its event is delivered; [`unbatch`](Self::unbatch) frees the entry.
+    fn batch(&mut self, items: impl IntoIterator<Item = u32>) -> u32 {
+        match self.free_batches.pop() {
+            Some(id) => {
+                self.batches[id as usize].extend(items);
+                id
+            }
+            None => {
+                self.batches.push(items.into_iter().collect());
+                (self.batches.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Frees a `batches` entry, keeping its memory for the next one.
+    fn unbatch(&mut self, id: u32, mut items: Vec<u32>) {
+        items.clear();
+        self.batches[id as usize] = items;
+        self.free_batches.push(id);
     }
 
     fn serve(&mut self, now: Time, node: u32, to: u32, index: u32) {
@@ -1058,14 +1132,24 @@ impl World {
         self.drain(node);
     }
 
-    fn announce(&mut self, now: Time, from: u32, inc: u32, index: u32) {
-        if self.nodes[from as usize].inc != inc {
-            return;
+    /// `Ev::Announce`: the Haves of chunk `index` to the peers in `batches` under `list`.
+    fn announce(&mut self, now: Time, from: u32, inc: u32, index: u32, list: u32) {
+        let peers = std::mem::take(&mut self.batches[list as usize]);
+        if self.nodes[from as usize].inc == inc {
+            self.deliver_haves(now, from, index, &peers);
         }
+        self.unbatch(list, peers);
+    }
+
+    /// One have broadcast: the Haves a daemon sends to several peers at one instant arrive
+    /// together (same latency), so one event hands them all to their schedulers.
+    fn deliver_haves(&mut self, now: Time, from: u32, index: u32, peers: &[u32]) {
         let t = duration(now);
         let peer = PeerId(u64::from(from));
-        let conns = std::mem::take(&mut self.nodes[from as usize].conns);
-        for &p in &conns {
+        for &p in peers {
+            if !self.connected(from, p) {
+                continue;
+            }
             let n = &mut self.nodes[p as usize];
             if !n.alive || n.conns.binary_search(&from).is_err() {
                 continue;
@@ -1075,21 +1159,11 @@ impl World {
                 // What the scheduler would do with it: nothing (it answers Ok at once).
                 continue;
             }
+            self.out.traffic.haves_delivered += 1;
             if s.handle_have(t, peer, index).is_err() {
                 self.out.core_errors += 1;
             }
             self.drain(p);
-        }
-        let n = &mut self.nodes[from as usize];
-        if n.conns.is_empty() {
-            n.conns = conns;
-        } else {
-            // Connections made while announcing: merge (rare).
-            let mut merged = conns;
-            merged.extend(n.conns.iter().copied());
-            merged.sort_unstable();
-            merged.dedup();
-            n.conns = merged;
         }
     }
 
@@ -1248,7 +1322,7 @@ impl World {
                     }
                     self.drain(to);
                 }
-                self.free_batches.push(id);
+                self.unbatch(id, chunks);
             }
             Wire::Cancel(index) => {
                 if !self.connected(to, from) {

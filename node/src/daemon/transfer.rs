@@ -634,9 +634,13 @@ impl Actor {
     fn execute(&mut self, command: Command) {
         let now = self.now();
         match &command {
-            Command::Announce { .. } => {
-                for link in self.links.values_mut() {
-                    let _ = link.session.send_command(&command);
+            Command::Announce { peers, .. } => {
+                // The peers the scheduler knows are the sessions past their handshake; a
+                // session still in it gets the chunk in its bitfield.
+                for peer in peers {
+                    if let Some(link) = self.links.get_mut(peer) {
+                        let _ = link.session.send_command(&command);
+                    }
                 }
             }
             &Command::Serve { peer, index } => self.serve(peer, index),

@@ -321,8 +321,8 @@ enum State {
 /// 2. Control stream in: append received bytes to a buffer and call [`Session::handle_bytes`].
 ///    Then drain [`Session::poll_event`] into the scheduler ([`Event::deliver`]); on
 ///    [`Event::Connected`] send our bitfield ([`Session::send_bitfield`]).
-/// 3. Scheduler out: give each [`Command`] to the session of its peer (`Announce` to every
-///    session) with [`Session::send_command`] and act on the [`Outbound`]; drain
+/// 3. Scheduler out: give each [`Command`] to the session of its peer (`Announce` to the
+///    session of each peer it names) with [`Session::send_command`] and act on the [`Outbound`]; drain
 ///    [`Session::poll_event`] again (requests that could not be sent come back as `Busy`);
 ///    then write [`Session::write_frames`] to the control stream. Draining every command before
 ///    writing batches consecutive Requests, Haves and Cancels into one frame each.
@@ -644,7 +644,7 @@ impl Session {
                     Some(Ours::Cancelling) | None => Ok(Outbound::Nothing),
                 }
             }
-            &Command::Announce { index } => {
+            &Command::Announce { index, .. } => {
                 self.check_index(index)?;
                 if !self.is_established() {
                     return Ok(Outbound::Nothing);
