@@ -1519,6 +1519,37 @@ fn a_scheduler_tracks_up_to_max_peers() {
 }
 
 #[test]
+fn a_source_that_keeps_refusing_as_seeded_recently_is_paused_then_asked_again() {
+    let n = 8;
+    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
+    let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
+    let cache = PeerId(10);
+    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    // The first refusals are each followed at once by a request for another chunk.
+    let mut t = 0;
+    for _ in 1..config.seeded_refusals {
+        t += 1;
+        let reqs = requests(&drain(&mut host));
+        assert_eq!(reqs.len(), 1, "{reqs:?}");
+        host.handle_rejected(ms(t), cache, reqs[0].1[0], RejectReason::SeededRecently)
+            .expect("reject");
+    }
+    // The last of the streak pauses the source, though chunks are left to ask it for.
+    t += 1;
+    let reqs = requests(&drain(&mut host));
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    host.handle_rejected(ms(t), cache, reqs[0].1[0], RejectReason::SeededRecently).expect("reject");
+    assert!(requests(&drain(&mut host)).is_empty(), "paused");
+    assert!(!host.peer_score(cache).expect("connected").usable);
+    let resume = ms(t) + config.busy_backoff;
+    assert_eq!(host.poll_timeout(), Some(resume));
+    host.handle_timeout(resume);
+    let reqs = requests(&drain(&mut host));
+    assert_eq!(reqs.len(), 1, "asked again: {reqs:?}");
+    assert_eq!(reqs[0].0, cache);
+}
+
+#[test]
 fn deferred_chunks_come_back_to_the_cache_in_deadline_order() {
     let n = 6;
     let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
