@@ -954,8 +954,8 @@ struct InFlight {
 struct Uploads {
     active: Vec<(PeerId, ChunkIndex)>,
     queue: VecDeque<Queued>,
-    /// With a `seed_window`: when each chunk was last accepted for, or sent to, a host (allocated on first
-    /// use, so only sources pay for it).
+    /// With a `seed_window`: when each chunk was last accepted for, or sent to, a host
+    /// (allocated on first use, so only sources pay for it).
     seeded: Vec<Option<Duration>>,
 }
 

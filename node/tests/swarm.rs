@@ -1026,17 +1026,24 @@ fn caches_are_asked_only_for_chunks_no_region_peer_has() {
     assert!(reqs[0].1.iter().all(|&c| c < 12));
 }
 
+/// A source holding all `n` chunks, with a seed window, `peers` connected at 0 ms.
+fn seeding_source(n: u32, peers: &[(PeerId, PeerKind)]) -> Scheduler {
+    let mut source =
+        Scheduler::new(ms(0), table(n), &Bitfield::full(n), source_config(), 12).expect("new");
+    assert_eq!(drain(&mut source), vec![Command::Complete]);
+    for &(peer, kind) in peers {
+        source.handle_connected(ms(0), peer, kind).expect("connect");
+    }
+    source
+}
+
 #[test]
 fn super_seeding_refuses_a_chunk_just_sent_and_the_refused_host_waits_for_peers() {
     let n = 4;
     // The source side.
-    let mut source =
-        Scheduler::new(ms(0), table(n), &Bitfield::full(n), source_config(), 12).expect("new");
-    assert_eq!(drain(&mut source), vec![Command::Complete]);
     let (a, b, region_cache) = (PeerId(1), PeerId(2), PeerId(3));
-    source.handle_connected(ms(0), a, PeerKind::Peer).expect("connect");
-    source.handle_connected(ms(0), b, PeerKind::Peer).expect("connect");
-    source.handle_connected(ms(0), region_cache, PeerKind::Cache).expect("connect");
+    let peers = [(a, PeerKind::Peer), (b, PeerKind::Peer), (region_cache, PeerKind::Cache)];
+    let mut source = seeding_source(n, &peers);
     source.handle_request(ms(10), a, 0).expect("request");
     source.handle_request(ms(20), b, 0).expect("request");
     source.handle_request(ms(30), region_cache, 0).expect("request");
@@ -1075,13 +1082,8 @@ fn super_seeding_refuses_a_chunk_just_sent_and_the_refused_host_waits_for_peers(
 
 #[test]
 fn the_seed_window_runs_from_the_end_of_the_upload() {
-    let n = 2;
-    let mut source =
-        Scheduler::new(ms(0), table(n), &Bitfield::full(n), source_config(), 12).expect("new");
-    drain(&mut source);
     let (a, b) = (PeerId(1), PeerId(2));
-    source.handle_connected(ms(0), a, PeerKind::Peer).expect("connect");
-    source.handle_connected(ms(0), b, PeerKind::Peer).expect("connect");
+    let mut source = seeding_source(2, &[(a, PeerKind::Peer), (b, PeerKind::Peer)]);
     source.handle_request(ms(0), a, 0).expect("request");
     // Sending the chunk to `a` took 900 ms (a long queue at the source): `a` holds it only
     // from then, so the window of 1 s counts from there, not from the request.

@@ -322,9 +322,9 @@ enum State {
 ///    Then drain [`Session::poll_event`] into the scheduler ([`Event::deliver`]); on
 ///    [`Event::Connected`] send our bitfield ([`Session::send_bitfield`]).
 /// 3. Scheduler out: give each [`Command`] to the session of its peer (`Announce` to the
-///    session of each peer it names) with [`Session::send_command`] and act on the [`Outbound`]; drain
-///    [`Session::poll_event`] again (requests that could not be sent come back as `Busy`);
-///    then write [`Session::write_frames`] to the control stream. Draining every command before
+///    session of each peer it names) with [`Session::send_command`] and act on the
+///    [`Outbound`]; drain [`Session::poll_event`] again (requests that could not be sent
+///    come back as `Busy`); then write [`Session::write_frames`] to the control stream. Draining every command before
 ///    writing batches consecutive Requests, Haves and Cancels into one frame each.
 /// 4. Piece streams in: feed a [`PieceDecoder`](super::PieceDecoder); hand its header to
 ///    [`Session::handle_piece_header`] before reading on, then hash the bytes and report them
