@@ -307,6 +307,10 @@ pub struct World {
     out: Outcome,
     permits_in_use: u32,
     milestones: Vec<Milestone>,
+    /// Faults and operator commands that have fired (indexes into the scenario's lists): one
+    /// scheduled after a milestone but not yet due still holds the run open.
+    faults_fired: Vec<bool>,
+    ops_fired: Vec<bool>,
     on_target: u32,
     complete_count: u32,
     staged_count: u32,
@@ -442,6 +446,8 @@ impl World {
             out,
             permits_in_use: 0,
             milestones: Vec::new(),
+            faults_fired: vec![false; sc.faults.len()],
+            ops_fired: vec![false; sc.operator.len()],
             on_target: 0,
             complete_count: 0,
             staged_count: 0,
@@ -782,8 +788,12 @@ impl World {
                 }
                 self.drain_rollout();
             }
-            Ev::Fault(i) => self.fault(now, i as usize),
+            Ev::Fault(i) => {
+                self.faults_fired[i as usize] = true;
+                self.fault(now, i as usize);
+            }
             Ev::Operator(i) => {
+                self.ops_fired[i as usize] = true;
                 let cmd = match self.sc.operator[i as usize].command {
                     OperatorCommand::Pause => Operator::Pause,
                     OperatorCommand::Resume => Operator::Resume,
@@ -1848,17 +1858,10 @@ impl World {
 
     /// Nothing more can happen that the scenario is about.
     fn quiescent(&self) -> bool {
-        let now = self.q.now();
-        let pending_faults = self.sc.faults.iter().any(|f| match f.after {
-            None => nanos(f.at) > now,
-            Some(m) => !self.milestones.contains(&m),
-        });
-        let pending_ops = self.sc.operator.iter().any(|o| match o.after {
-            None => nanos(o.at) > now,
-            Some(m) => !self.milestones.contains(&m),
-        });
+        // Milestones that never come do not hold the run forever: stop_after does.
+        let pending_faults = self.faults_fired.iter().any(|&f| !f);
+        let pending_ops = self.ops_fired.iter().any(|&f| !f);
         if pending_faults || pending_ops {
-            // Milestones that can no longer come do not hold the run forever: stop_after does.
             return false;
         }
         let rollout_over = match self.rollout.as_ref() {

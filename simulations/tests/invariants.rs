@@ -77,3 +77,30 @@ fn the_same_seed_gives_the_same_report_and_another_seed_another() {
     let c = run(&sc);
     assert_ne!(a.completion_percentiles, c.completion_percentiles);
 }
+
+#[test]
+fn an_operator_rollback_after_the_rollout_is_done_takes_every_host_back() {
+    let mut sc = scenario("ci-small.toml");
+    for region in &mut sc.regions {
+        region.hosts /= 4;
+    }
+    sc.faults.clear();
+    sc.rollout.strategy = fleetwave_sim::scenario::StrategyKind::Rolling;
+    sc.rollout.analysis = false;
+    // Due 5 s after the milestone: the run must not end at the milestone itself.
+    sc.operator = vec![fleetwave_sim::scenario::OperatorAction {
+        command: fleetwave_sim::scenario::OperatorCommand::Rollback,
+        at: std::time::Duration::from_secs(5),
+        after: Some(fleetwave_sim::scenario::Milestone::RolloutDone),
+    }];
+    let r = run(&sc);
+    let rollout = r.rollout.as_ref().expect("a rollout ran");
+    assert!(rollout.phase.starts_with("RolledBack"), "{}", r.summary());
+    let rb = rollout.rollback.as_ref().expect("rolled back");
+    assert!(rb.reason.contains("Operator"), "{}", rb.reason);
+    assert_eq!(rb.hosts_on_target_at_start as u64, r.hosts, "every host was on the target");
+    assert_eq!(rb.unconfirmed, Some(0));
+    assert_eq!(r.invariants.rolled_back_to_previous, Some(true));
+    assert_eq!(rollout.on_previous as u64, r.hosts);
+    assert_eq!(r.invariants.core_errors, 0);
+}
