@@ -957,6 +957,69 @@ fn upload_slots_bound_serving_then_queue_then_reject() {
 }
 
 #[test]
+fn a_free_slot_goes_to_the_peer_served_least_then_to_the_oldest_request() {
+    let n = 8;
+    let config = SwarmConfig {
+        upload_slots: 3,
+        upload_slots_per_peer: 2,
+        upload_queue_len: 8,
+        ..SwarmConfig::default()
+    };
+    let all: Vec<ChunkIndex> = (0..n).collect();
+    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
+    let (w, x, y, z) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4));
+    for p in [w, x, y, z] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    core.handle_request(ms(1), x, 0).expect("request");
+    core.handle_request(ms(1), y, 1).expect("request");
+    core.handle_request(ms(1), z, 2).expect("request");
+    core.handle_request(ms(2), x, 3).expect("request"); // queued first
+    core.handle_request(ms(3), y, 4).expect("request"); // queued second
+    core.handle_request(ms(4), w, 5).expect("request"); // queued last
+    assert_eq!(
+        drain(&mut core),
+        vec![
+            Command::Serve { peer: x, index: 0 },
+            Command::Serve { peer: y, index: 1 },
+            Command::Serve { peer: z, index: 2 },
+        ]
+    );
+    // x and y have an upload running, w none: w goes first though it asked last.
+    core.handle_upload_done(ms(10), z, 2).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: w, index: 5 }]);
+    // x and y have one each, w none and nothing queued: the oldest request, x's.
+    core.handle_upload_done(ms(20), w, 5).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: x, index: 3 }]);
+    core.handle_upload_done(ms(30), x, 0).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: y, index: 4 }]);
+}
+
+#[test]
+fn large_chunks_narrow_the_request_counts_to_the_byte_limits() {
+    let n = 64;
+    let config = SwarmConfig {
+        max_in_flight_per_peer: 8,
+        max_in_flight_bytes_per_peer: u64::from(3 * CHUNK_LEN),
+        max_in_flight_total: 64,
+        max_in_flight_bytes_total: u64::from(5 * CHUNK_LEN),
+        ..quiet_config()
+    };
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 7).expect("new");
+    let (x, y) = (PeerId(1), PeerId(2));
+    for p in [x, y] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+        core.handle_bitfield(ms(0), p, Bitfield::full(n)).expect("bitfield");
+    }
+    let asked = requests(&drain(&mut core));
+    let at = |peer| asked.iter().filter(|(p, _)| *p == peer).map(|(_, c)| c.len()).sum::<usize>();
+    // Three chunks' worth at one peer, five in all: not 8 and 64.
+    assert!(at(x) <= 3 && at(y) <= 3, "{asked:?}");
+    assert_eq!(at(x) + at(y), 5, "{asked:?}");
+}
+
+#[test]
 fn the_origin_is_used_only_with_a_permit_and_only_without_a_cache() {
     let n = 8;
     let config = SwarmConfig { back_to_source_delay: ms(500), ..quiet_config() };
