@@ -812,6 +812,35 @@ fn endgame_requests_duplicates_and_cancels_them() {
 }
 
 #[test]
+fn large_chunks_start_the_endgame_at_its_byte_limit() {
+    let n = 4;
+    let config = SwarmConfig {
+        endgame_threshold: 4,
+        endgame_bytes: u64::from(2 * CHUNK_LEN),
+        endgame_max_requests: 2,
+        ..quiet_config()
+    };
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 3).expect("new");
+    let (a, b) = (PeerId(1), PeerId(2));
+    for p in [a, b] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    core.handle_bitfield(ms(0), a, Bitfield::full(n)).expect("bits");
+    assert_eq!(requests(&drain(&mut core))[0].1.len(), 4);
+    // Four chunks wanted is within the count but over the bytes: no duplicates.
+    core.handle_bitfield(ms(0), b, Bitfield::full(n)).expect("bits");
+    assert!(requests(&drain(&mut core)).is_empty());
+    for index in [0, 1] {
+        core.handle_piece(ms(5), a, index, PieceOutcome::Verified).expect("piece");
+    }
+    // Two chunks (2,000 bytes) wanted: the endgame asks b for them too.
+    let dup = requests(&drain(&mut core));
+    let to_b: Vec<ChunkIndex> =
+        dup.iter().filter(|(p, _)| *p == b).flat_map(|(_, c)| c.clone()).collect();
+    assert_eq!(to_b.len(), 2, "{dup:?}");
+}
+
+#[test]
 fn a_timed_out_request_is_cancelled_and_reissued_elsewhere() {
     let n = 1;
     let config = SwarmConfig { max_in_flight_total: 1, ..quiet_config() };
