@@ -107,7 +107,9 @@
 //! # Piece selection
 //!
 //! Requests go out whenever a peer that is not backed off has a free request slot and something
-//! we want. Region peers compete for the shared budget ([`SwarmConfig::max_in_flight_total`]) by
+//! we want. The request counts are narrowed to byte limits for manifests of large chunks
+//! ([`SwarmConfig::max_in_flight_bytes_per_peer`], [`SwarmConfig::max_in_flight_bytes_total`]).
+//! Region peers compete for the shared budget ([`SwarmConfig::max_in_flight_total`]) by
 //! score; caches and the origin have their own per-connection limit on top. Candidates are served
 //! in order of kind (region peers, then caches, then the origin) and then score (measured
 //! throughput, unmeasured peers first so that each gets tried; ties by a per-peer random number
@@ -159,10 +161,11 @@
 //!
 //! At most [`SwarmConfig::upload_slots`] uploads run at once, at most
 //! [`SwarmConfig::upload_slots_per_peer`] of them to one peer (one greedy downloader cannot take
-//! every slot). A request beyond that waits in a FIFO queue of
-//! [`SwarmConfig::upload_queue_len`] entries for up to [`SwarmConfig::upload_queue_timeout`], and
-//! is rejected `Busy` when the queue is full or its wait expires: the requester then backs off
-//! and asks someone else, which spreads load better than a long queue. Only held (durable) chunks
+//! every slot). A request beyond that waits in a queue of [`SwarmConfig::upload_queue_len`]
+//! entries for up to [`SwarmConfig::upload_queue_timeout`], and is rejected `Busy` when the queue
+//! is full or its wait expires: the requester then backs off and asks someone else, which
+//! spreads load better than a long queue. A free slot goes to the queued peer with the fewest
+//! uploads running, the oldest request among equals. Only held (durable) chunks
 //! are served; banned peers never are. A source with a [`SwarmConfig::seed_window`] also refuses
 //! a chunk it has just sent to another host (see Sources).
 //!
