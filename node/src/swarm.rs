@@ -850,6 +850,13 @@ pub struct Scheduler {
     /// Connected caches that are live (keep the origin out).
     live_caches: u32,
     in_flight: InFlightCounts,
+    /// Requests region peers may have outstanding now, over all of them: at most
+    /// [`SwarmConfig::max_in_flight_total`], cut by a quarter when a piece took longer than
+    /// half the request timeout (once per such period: only for a request sent after the last
+    /// cut) or a request timed out, grown by one per budget's worth of timely pieces. A host on
+    /// a slow link thus keeps only what it can take in well within the timeout, instead of
+    /// timing out peers that were only sharing its link with each other.
+    budget: Budget,
     permit: OriginPermit,
     back_to_source_open: bool,
     /// Chunks not to ask caches or the origin for until the given time (`SeededRecently`).
@@ -970,6 +977,20 @@ impl Activity {
     }
 }
 
+/// The region budget (see [`Scheduler::budget`]).
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    limit: u32,
+    credit: u32,
+    /// Bytes of region pieces taken in since `window_start`, and the intake rate (bytes/s)
+    /// measured over such windows.
+    window_bytes: u64,
+    window_start: Duration,
+    rate: Option<u64>,
+    /// When it was last cut: late pieces of requests sent before that do not cut it again.
+    cut_at: Option<Duration>,
+}
+
 /// Requests outstanding: all of them, and those to region peers (which share
 /// `max_in_flight_total`; back-to-source requests are bounded per connection instead).
 #[derive(Clone, Copy, Debug, Default)]
@@ -1074,6 +1095,14 @@ impl Scheduler {
             full_region: 0,
             live_caches: 0,
             in_flight: InFlightCounts::default(),
+            budget: Budget {
+                limit: config.max_in_flight_total,
+                credit: 0,
+                window_bytes: 0,
+                window_start: now,
+                rate: None,
+                cut_at: None,
+            },
             permit: OriginPermit::Idle,
             back_to_source_open: config.back_to_source_delay.is_zero(),
             deferred: Deferred::default(),
@@ -1364,8 +1393,13 @@ impl Scheduler {
         self.check_peer(peer)?;
         // A region peer's piece frees a slot of the shared budget; if that was full, every
         // region peer may now be asked (not just this one).
-        let saturated = self.in_flight.region >= self.config.max_in_flight_total;
+        let saturated = self.in_flight.region >= self.budget.limit;
         let sent = self.forget_request(peer, index);
+        if let Some(sent) = sent {
+            if self.peers.get(&peer).is_some_and(|p| p.kind == PeerKind::Peer) {
+                self.pace(now, sent, self.table.length(index));
+            }
+        }
         match outcome {
             PieceOutcome::HashMismatch => {
                 self.progress.hash_mismatches += 1;
@@ -1589,12 +1623,16 @@ impl Scheduler {
                 p.consecutive_timeouts += 1;
                 p.rate = p.rate.map(|r| r / 2);
                 let (streak, kind) = (p.consecutive_timeouts, p.kind);
+                let oldest = stalled.first().map(|f| f.sent);
                 for f in stalled {
                     self.picker.remove_request(f.index);
                     self.in_flight.remove(kind);
                     self.commands.push_back(Command::Cancel { peer: id, index: f.index });
                 }
                 self.progress.timeouts += expired as u64;
+                if kind == PeerKind::Peer {
+                    self.cut_budget(now, oldest);
+                }
                 let factor = 1u32 << (streak - 1).min(16);
                 let backoff =
                     (self.config.timeout_backoff * factor).min(self.config.timeout_backoff_max);
@@ -2152,11 +2190,57 @@ impl Scheduler {
     fn free_slots(&self, p: &Peer) -> u32 {
         let own = self.request_limit(p).saturating_sub(p.in_flight.len() as u32);
         match p.kind {
-            PeerKind::Peer => {
-                own.min(self.config.max_in_flight_total.saturating_sub(self.in_flight.region))
-            }
+            PeerKind::Peer => own.min(self.budget.limit.saturating_sub(self.in_flight.region)),
             PeerKind::Cache | PeerKind::Origin => own,
         }
+    }
+
+    /// A region peer's piece of `len` bytes arrived, requested at `sent`: adjust the region
+    /// budget. A late piece cuts it only if what is in flight would take us more than half
+    /// the request timeout to take in at our measured intake rate: a piece late because its
+    /// sender is slow says nothing about our own link.
+    fn pace(&mut self, now: Duration, sent: Duration, len: u32) {
+        let b = &mut self.budget;
+        b.window_bytes += u64::from(len);
+        let elapsed = now.saturating_sub(b.window_start);
+        if elapsed >= Duration::from_secs(1) {
+            let sample = (u128::from(b.window_bytes) * 1_000_000 / elapsed.as_micros()) as u64;
+            b.rate = Some(b.rate.map_or(sample, |r| r / 2 + sample / 2));
+            b.window_bytes = 0;
+            b.window_start = now;
+        }
+        let half = self.config.request_timeout / 2;
+        if now.saturating_sub(sent) > half && self.backlogged(half) {
+            self.cut_budget(now, Some(sent));
+            return;
+        }
+        let b = &mut self.budget;
+        b.credit += 1;
+        if b.credit >= b.limit {
+            b.credit = 0;
+            b.limit = (b.limit + 1).min(self.config.max_in_flight_total);
+        }
+    }
+
+    /// What is in flight to region peers would take longer than `horizon` to take in at the
+    /// measured intake rate (false while unmeasured).
+    fn backlogged(&self, horizon: Duration) -> bool {
+        let Some(rate) = self.budget.rate else { return false };
+        let mean = self.table.total_bytes() / u64::from(self.table.chunk_count().max(1));
+        let bytes = u128::from(self.in_flight.region) * u128::from(mean);
+        bytes * 1_000_000 > u128::from(rate) * horizon.as_micros()
+    }
+
+    /// Cuts the region budget by a quarter (at least two requests stay), unless the late
+    /// request (sent at `sent`) went out before the last cut.
+    fn cut_budget(&mut self, now: Duration, sent: Option<Duration>) {
+        let b = &mut self.budget;
+        if b.cut_at.is_some_and(|cut| sent.is_none_or(|sent| sent < cut)) {
+            return;
+        }
+        b.limit = (b.limit - b.limit / 4).max(2.min(self.config.max_in_flight_total));
+        b.credit = 0;
+        b.cut_at = Some(now);
     }
 
     fn is_candidate(&self, p: &Peer) -> bool {

@@ -841,6 +841,81 @@ fn large_chunks_start_the_endgame_at_its_byte_limit() {
 }
 
 #[test]
+fn late_pieces_with_a_backlog_shrink_the_requests_in_flight() {
+    let n = 64;
+    let config = SwarmConfig {
+        max_in_flight_per_peer: 8,
+        max_in_flight_total: 8,
+        request_timeout: ms(10_000),
+        ..quiet_config()
+    };
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 5).expect("new");
+    let a = PeerId(1);
+    core.handle_connected(ms(0), a, PeerKind::Peer).expect("connect");
+    core.handle_bitfield(ms(0), a, Bitfield::full(n)).expect("bits");
+    let mut outstanding: Vec<ChunkIndex> =
+        requests(&drain(&mut core)).into_iter().flat_map(|(_, c)| c).collect();
+    assert_eq!(outstanding.len(), 8);
+    // One piece a second: 1,000 bytes/s taken in, with 8,000 bytes in flight (8 s of intake).
+    // Pieces asked for at 0 s arrive later and later; past 5 s (half the timeout), the budget
+    // is cut once (7 requests are left outstanding and 6 allowed: nothing new goes out).
+    let mut asked_after = Vec::new();
+    for second in 1..=6 {
+        let index = outstanding.remove(0);
+        let at = ms(second * 1000);
+        core.handle_piece(at, a, index, PieceOutcome::Verified).expect("piece");
+        core.handle_written(at, index).expect("written");
+        let new: Vec<ChunkIndex> =
+            requests(&drain(&mut core)).into_iter().flat_map(|(_, c)| c).collect();
+        asked_after.push(new.len());
+        outstanding.extend(new);
+    }
+    // Seconds 1-5: each piece frees a slot that is taken again. Second 6: late, cut.
+    assert_eq!(asked_after, vec![1, 1, 1, 1, 1, 0], "{outstanding:?}");
+    assert_eq!(outstanding.len(), 7);
+}
+
+#[test]
+fn a_late_piece_from_a_slow_peer_leaves_a_fast_host_its_requests() {
+    let n = 512;
+    let config = SwarmConfig {
+        max_in_flight_per_peer: 4,
+        max_in_flight_total: 8,
+        request_timeout: ms(10_000),
+        ..quiet_config()
+    };
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 5).expect("new");
+    let (fast, slow) = (PeerId(1), PeerId(2));
+    for p in [fast, slow] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+        core.handle_bitfield(ms(0), p, Bitfield::full(n)).expect("bits");
+    }
+    let mut at: BTreeMap<PeerId, Vec<ChunkIndex>> = BTreeMap::new();
+    for (p, c) in requests(&drain(&mut core)) {
+        at.entry(p).or_default().extend(c);
+    }
+    // The fast peer answers 40 pieces a second for 6 s; the slow one only at 6 s.
+    for tick in 1..=240u64 {
+        let now = ms(tick * 25);
+        let index = at.get_mut(&fast).expect("asked").remove(0);
+        core.handle_piece(now, fast, index, PieceOutcome::Verified).expect("piece");
+        for (p, c) in requests(&drain(&mut core)) {
+            at.entry(p).or_default().extend(c);
+        }
+        if at[&fast].is_empty() {
+            break;
+        }
+    }
+    let index = at.get_mut(&slow).expect("asked").remove(0);
+    core.handle_piece(ms(6000), slow, index, PieceOutcome::Verified).expect("piece");
+    for (p, c) in requests(&drain(&mut core)) {
+        at.entry(p).or_default().extend(c);
+    }
+    let outstanding: usize = at.values().map(Vec::len).sum();
+    assert_eq!(outstanding, 8, "the budget stays whole: {at:?}");
+}
+
+#[test]
 fn a_timed_out_request_is_cancelled_and_reissued_elsewhere() {
     let n = 1;
     let config = SwarmConfig { max_in_flight_total: 1, ..quiet_config() };
