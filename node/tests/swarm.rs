@@ -840,21 +840,30 @@ fn large_chunks_start_the_endgame_at_its_byte_limit() {
     assert_eq!(to_b.len(), 2, "{dup:?}");
 }
 
-#[test]
-fn late_pieces_with_a_backlog_shrink_the_requests_in_flight() {
-    let n = 64;
-    let config = SwarmConfig {
-        max_in_flight_per_peer: 8,
+/// Chunks requested by the commands `core` emits now, from any peer.
+fn asked(core: &mut Scheduler) -> Vec<ChunkIndex> {
+    requests(&drain(core)).into_iter().flat_map(|(_, c)| c).collect()
+}
+
+/// Eight requests to region peers in all, `per_peer` at one, a 10 s request timeout.
+fn budget_config(per_peer: u32) -> SwarmConfig {
+    SwarmConfig {
+        max_in_flight_per_peer: per_peer,
         max_in_flight_total: 8,
         request_timeout: ms(10_000),
         ..quiet_config()
-    };
+    }
+}
+
+#[test]
+fn late_pieces_with_a_backlog_shrink_the_requests_in_flight() {
+    let n = 64;
+    let config = budget_config(8);
     let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 5).expect("new");
     let a = PeerId(1);
     core.handle_connected(ms(0), a, PeerKind::Peer).expect("connect");
     core.handle_bitfield(ms(0), a, Bitfield::full(n)).expect("bits");
-    let mut outstanding: Vec<ChunkIndex> =
-        requests(&drain(&mut core)).into_iter().flat_map(|(_, c)| c).collect();
+    let mut outstanding = asked(&mut core);
     assert_eq!(outstanding.len(), 8);
     // One piece a second: 1,000 bytes/s taken in, with 8,000 bytes in flight (8 s of intake).
     // Pieces asked for at 0 s arrive later and later; past 5 s (half the timeout), the budget
@@ -865,8 +874,7 @@ fn late_pieces_with_a_backlog_shrink_the_requests_in_flight() {
         let at = ms(second * 1000);
         core.handle_piece(at, a, index, PieceOutcome::Verified).expect("piece");
         core.handle_written(at, index).expect("written");
-        let new: Vec<ChunkIndex> =
-            requests(&drain(&mut core)).into_iter().flat_map(|(_, c)| c).collect();
+        let new = asked(&mut core);
         asked_after.push(new.len());
         outstanding.extend(new);
     }
@@ -878,12 +886,7 @@ fn late_pieces_with_a_backlog_shrink_the_requests_in_flight() {
 #[test]
 fn a_late_piece_from_a_slow_peer_leaves_a_fast_host_its_requests() {
     let n = 512;
-    let config = SwarmConfig {
-        max_in_flight_per_peer: 4,
-        max_in_flight_total: 8,
-        request_timeout: ms(10_000),
-        ..quiet_config()
-    };
+    let config = budget_config(4);
     let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 5).expect("new");
     let (fast, slow) = (PeerId(1), PeerId(2));
     for p in [fast, slow] {
