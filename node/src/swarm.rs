@@ -720,6 +720,12 @@ impl ChunkTable {
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
     }
+
+    /// Mean chunk length (0 for an empty table): what the byte limits of [`SwarmConfig`] are
+    /// counted in.
+    pub fn mean_length(&self) -> u64 {
+        self.total_bytes.checked_div(u64::from(self.chunk_count())).unwrap_or(0)
+    }
 }
 
 /// A count of chunks and their bytes.
@@ -851,11 +857,12 @@ pub struct Scheduler {
     live_caches: u32,
     in_flight: InFlightCounts,
     /// Requests region peers may have outstanding now, over all of them: at most
-    /// [`SwarmConfig::max_in_flight_total`], cut by a quarter when a piece took longer than
-    /// half the request timeout (once per such period: only for a request sent after the last
-    /// cut) or a request timed out, grown by one per budget's worth of timely pieces. A host on
-    /// a slow link thus keeps only what it can take in well within the timeout, instead of
-    /// timing out peers that were only sharing its link with each other.
+    /// [`SwarmConfig::max_in_flight_total`]; cut by a quarter when a request to a region peer
+    /// timed out, or when a piece took longer than half the request timeout while what is in
+    /// flight would take longer than that to take in at our measured intake rate (once per such
+    /// period: only for a request sent after the last cut); grown by one per budget's worth of
+    /// timely pieces. A host on a slow link thus keeps only what it can take in well within the
+    /// timeout, instead of timing out peers that were only sharing its link with each other.
     budget: Budget,
     permit: OriginPermit,
     back_to_source_open: bool,
@@ -1059,7 +1066,7 @@ impl Scheduler {
         now: Duration,
         table: ChunkTable,
         local: &Bitfield,
-        config: SwarmConfig,
+        mut config: SwarmConfig,
         seed: u64,
     ) -> Result<Self, SetupError> {
         config.validate()?;
@@ -1067,8 +1074,7 @@ impl Scheduler {
         if local.bit_len() != n {
             return Err(SetupError::LocalLength { expected: n, got: local.bit_len() });
         }
-        let mut config = config;
-        config.narrow_to_chunk_size(table.total_bytes() / u64::from(n.max(1)));
+        config.narrow_to_chunk_size(table.mean_length());
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut progress = Progress::default();
         for c in 0..n {
@@ -2226,8 +2232,7 @@ impl Scheduler {
     /// measured intake rate (false while unmeasured).
     fn backlogged(&self, horizon: Duration) -> bool {
         let Some(rate) = self.budget.rate else { return false };
-        let mean = self.table.total_bytes() / u64::from(self.table.chunk_count().max(1));
-        let bytes = u128::from(self.in_flight.region) * u128::from(mean);
+        let bytes = u128::from(self.in_flight.region) * u128::from(self.table.mean_length());
         bytes * 1_000_000 > u128::from(rate) * horizon.as_micros()
     }
 
