@@ -20,6 +20,9 @@
 #                           downloads the whole artifact from it: no swarm, origin egress N x F)
 #   QDISC      --qdisc      htb (default) or tbf, on both ends of every veth
 #   QUEUE_MS                queue of each shaped direction in ms at the link rate (default 100)
+#   FIFO                    pfifo (default): the queue holds QUEUE_MS of 1514-byte packets, but
+#                           counts GSO batches as one; bfifo: it holds QUEUE_MS worth of bytes
+#   MTU                     MTU of every veth and the bridge (default 1500; 9000: jumbo frames)
 #   POLL_MS                 status poll interval (default 150)
 #   IDLE_S, SETTLE_S        before the release, wait until the daemons use < 0.02 cores each over
 #                           IDLE_S (default 1) seconds, at most SETTLE_S (default 20): start-up work
@@ -90,6 +93,8 @@ RUNS=${RUNS:-1}
 WORKLOAD=${WORKLOAD:-fleetwave}
 QDISC=${QDISC:-htb}
 QUEUE_MS=${QUEUE_MS:-100}
+FIFO=${FIFO:-pfifo}
+MTU=${MTU:-1500}
 POLL_MS=${POLL_MS:-150}
 FILES=${FILES:-32}
 WORK_PARENT=${WORK_PARENT:-/dev/shm}
@@ -114,13 +119,14 @@ log() { printf '%s\n' "$*" >&2; }
 is_uint() { case "$1" in '' | *[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 
 # ---- checks ----------------------------------------------------------------------------------
-for v in N SIZE_MIB RATE_MBIT RUNS QUEUE_MS POLL_MS FILES READY_TIMEOUT IDLE_S SETTLE_S; do
+for v in N SIZE_MIB RATE_MBIT RUNS QUEUE_MS MTU POLL_MS FILES READY_TIMEOUT IDLE_S SETTLE_S; do
     is_uint "${!v}" && [ "${!v}" -gt 0 ] || die "$v must be a positive integer, not '${!v}'"
 done
 [ "$N" -le 250 ] || die "N must be at most 250 (hosts are 10.77.1.1-250)"
 case "$CACHE" in 0 | 1) ;; *) die "CACHE must be 0 or 1, not '$CACHE'" ;; esac
 case "$WORKLOAD" in fleetwave | http) ;; *) die "WORKLOAD must be fleetwave or http, not '$WORKLOAD'" ;; esac
 case "$QDISC" in htb | tbf) ;; *) die "QDISC must be htb or tbf, not '$QDISC'" ;; esac
+case "$FIFO" in pfifo | bfifo) ;; *) die "FIFO must be pfifo or bfifo, not '$FIFO'" ;; esac
 [ "$WORKLOAD" = fleetwave ] || [ "$CACHE" = 0 ] || die "CACHE=1 needs WORKLOAD=fleetwave"
 [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, tc)"
 command -v ip >/dev/null 2>&1 || die "ip (iproute2) not found: apt-get install iproute2"
@@ -614,6 +620,7 @@ def run(cfg_path):
     res = {
         "workload": cfg["workload"], "n": n, "cache": cfg["cache"], "size_bytes": F,
         "size_mib": cfg["size_mib"], "rate_mbit": cfg["rate_mbit"], "qdisc": cfg["qdisc"],
+        "mtu": cfg["mtu"], "fifo": cfg["fifo"],
         "run": cfg["run"], "runs": cfg["runs"], "ok": not failed and len(done) == n,
         "error": state["abort"] or (failed[0]["error"] if failed else None),
         "time_s": max(done) if len(done) == n else None,
@@ -661,8 +668,9 @@ def fx(v, fmt="%.2f", none="-"):
 
 def summary_line(r):
     F = r["size_bytes"]
-    head = "run %d/%d %s N=%d F=%.1fMiB %dMbit/s cache=%d:" % (
-        r["run"], r["runs"], r["workload"], r["n"], F / MIB, r["rate_mbit"], r["cache"])
+    head = "run %d/%d %s N=%d F=%.1fMiB %dMbit/s MTU %d %s cache=%d:" % (
+        r["run"], r["runs"], r["workload"], r["n"], F / MIB, r["rate_mbit"], r["mtu"], r["fifo"],
+        r["cache"])
     if r["ok"]:
         t = "all staged %.2f s (p50 %.2f, p90 %.2f, first %.2f), T_min %.2f s, %.2fx" % (
             r["time_s"], r["p50_s"], r["p90_s"], r["first_s"], r["tmin_s"], r["ratio"])
@@ -703,12 +711,13 @@ def table(path, bar_ratio, bar_egress, bar_cpu):
     rows = [json.loads(l) for l in open(path) if l.strip()]
     groups = {}
     for r in rows:
-        k = (r["workload"], r["n"], r["cache"], r["size_mib"], r["rate_mbit"], r["qdisc"])
+        k = (r["workload"], r["n"], r["cache"], r["size_mib"], r["rate_mbit"], r["qdisc"],
+             r.get("mtu", 1500), r.get("fifo", "pfifo"))
         groups.setdefault(k, []).append(r)
     print()
-    print("| workload | N | cache | MiB | Mbit/s | runs ok | time s | p50 s | p90 s | T_min s | ratio "
+    print("| workload | N | cache | MiB | Mbit/s | MTU | queue | runs ok | time s | p50 s | p90 s | T_min s | ratio "
           "| origin egress / F | served / F | cache egress / F | CPU % | peak % | CPU-s | daemons CPU-s | other CPU-s | bar |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+    print("|---|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for k, rs in groups.items():
         ok = [r for r in rs if r["ok"]]
         F = rs[0]["size_bytes"]
@@ -724,8 +733,8 @@ def table(path, bar_ratio, bar_egress, bar_cpu):
         else:
             met = ratio <= bar_ratio and oeg <= bar_egress and cpu < bar_cpu
             bar = "met" if met else "NOT met"
-        print("| %s | %d | %d | %d | %d | %d/%d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            k[0], k[1], k[2], k[3], k[4], len(ok), len(rs),
+        print("| %s | %d | %d | %d | %d | %d | %s | %d/%d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            k[0], k[1], k[2], k[3], k[4], k[6], k[7], len(ok), len(rs),
             fx(med([r["time_s"] for r in ok])), fx(med([r["p50_s"] for r in ok])),
             fx(med([r["p90_s"] for r in ok])), fx(rs[0]["tmin_s"]), fx(ratio),
             fx(oeg), fx(med([r["origin_served"] / F for r in ok if r["origin_served"] is not None])),
@@ -749,6 +758,8 @@ PYEOF
 RATE_BPS=$((RATE_MBIT * 1000000 / 8))
 QLIMIT=$((RATE_BPS * QUEUE_MS / 1000 / 1514))
 [ "$QLIMIT" -ge 16 ] || QLIMIT=16
+QBYTES=$((RATE_BPS * QUEUE_MS / 1000))
+[ "$QBYTES" -ge $((16 * 1514)) ] || QBYTES=$((16 * 1514))
 
 # shape NS DEV: rate-limit the egress of DEV inside NS.
 shape() {
@@ -757,7 +768,11 @@ shape() {
         tc -n "$ns" qdisc replace dev "$dev" root handle 1: htb default 1 &&
             tc -n "$ns" class add dev "$dev" parent 1: classid 1:1 htb \
                 rate "${RATE_MBIT}mbit" ceil "${RATE_MBIT}mbit" quantum 60000 &&
-            tc -n "$ns" qdisc add dev "$dev" parent 1:1 handle 10: pfifo limit "$QLIMIT"
+            if [ "$FIFO" = bfifo ]; then
+                tc -n "$ns" qdisc add dev "$dev" parent 1:1 handle 10: bfifo limit "$QBYTES"
+            else
+                tc -n "$ns" qdisc add dev "$dev" parent 1:1 handle 10: pfifo limit "$QLIMIT"
+            fi
     else
         tc -n "$ns" qdisc replace dev "$dev" root handle 1: tbf \
             rate "${RATE_MBIT}mbit" burst 32kb limit $((QLIMIT * 1514))
@@ -778,14 +793,15 @@ add_node() {
     add_ns "$ns"
     ip link add "$veth" netns "$SW" type veth peer name eth0 netns "$ns" ||
         die "cannot create veth $veth for $ns"
-    ip -n "$SW" link set "$veth" master br0 up || die "cannot attach $veth to the bridge"
+    ip -n "$SW" link set "$veth" mtu "$MTU" master br0 up || die "cannot attach $veth to the bridge"
+    ip -n "$ns" link set eth0 mtu "$MTU" || die "cannot set MTU $MTU on eth0 in $ns"
     ip -n "$ns" addr add "$addr/16" dev eth0 || die "cannot address eth0 in $ns"
     ip -n "$ns" link set eth0 up || die "cannot bring up eth0 in $ns"
     shape "$ns" eth0 || die "tc $QDISC failed on eth0 in $ns"
     shape "$SW" "$veth" || die "tc $QDISC failed on $veth"
 }
 
-log "setting up: switch, origin$([ "$CACHE" = 1 ] && echo ", cache"), $N hosts; $QDISC ${RATE_MBIT} Mbit/s each way, queue $QLIMIT packets"
+log "setting up: switch, origin$([ "$CACHE" = 1 ] && echo ", cache"), $N hosts; $QDISC ${RATE_MBIT} Mbit/s each way, queue $([ "$FIFO" = bfifo ] && echo "$QBYTES bytes" || echo "$QLIMIT packets"), MTU $MTU"
 add_ns "$SW"
 ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0 || die "cannot create the bridge"
 # A switch does not run iptables: keep br_netfilter (if loaded) out of the bridged path.
@@ -949,6 +965,7 @@ pids = {$(for k in "${!ROLE_PID[@]}"; do printf '"%s": %s, ' "$k" "${ROLE_PID[$k
 cfg = {
     "workload": "$WORKLOAD", "run": $run, "runs": $RUNS, "cache": $CACHE, "qdisc": "$QDISC",
     "size_bytes": $SIZE_BYTES, "size_mib": $SIZE_MIB, "rate_mbit": $RATE_MBIT,
+    "mtu": $MTU, "fifo": "$FIFO",
     "tmin_s": $TMIN, "deadline_s": $DEADLINE, "idle_s": $IDLE_S, "settle_s": $SETTLE_S,
     "poll_ms": $POLL_MS, "ready_timeout": $READY_TIMEOUT,
     "manifest": "$MANIFEST", "sw_ns": "$SW", "origin_ns": "$ORIGIN_NS",
