@@ -95,6 +95,14 @@ pub struct Net {
     live: usize,
     /// End of the current slot, while flows exist.
     slot_end: Option<u64>,
+    /// Scratch of [`tick`](Self::tick): the uplinks with flows, each one's count of flows
+    /// leaving it and where its group ends in `grouped` (both indexed by link id), and every
+    /// flow's receiver cap and slot, grouped by uplink. Walking the flows once and grouping them here costs far less than walking
+    /// every uplink's own list, which is a cache miss per uplink and per flow.
+    ups: Vec<LinkId>,
+    up_count: Vec<u32>,
+    group_end: Vec<u32>,
+    grouped: Vec<(f64, u32)>,
 }
 
 /// A flow that finishes before the current slot ends: the caller schedules it.
@@ -123,6 +131,10 @@ impl Net {
             by_down: Vec::new(),
             live: 0,
             slot_end: None,
+            ups: Vec::new(),
+            up_count: Vec::new(),
+            group_end: Vec::new(),
+            grouped: Vec::new(),
         }
     }
 
@@ -136,6 +148,8 @@ impl Net {
         self.eligible.push(0);
         self.by_up.push(Vec::new());
         self.by_down.push(Vec::new());
+        self.up_count.push(0);
+        self.group_end.push(0);
         id
     }
 
@@ -284,6 +298,7 @@ impl Net {
             let elapsed = now.saturating_sub(f.since) as f64 / 1e9;
             f.remaining = (f.remaining - f.rate * elapsed).max(0.0);
             f.since = now;
+            self.up_count[f.up as usize] = 0;
             for l in [f.up, f.down, f.wan] {
                 if l != NO_LINK {
                     self.count[l as usize] = 0;
@@ -292,11 +307,16 @@ impl Net {
                 }
             }
         }
+        self.ups.clear();
         for f in self.flows.iter().flatten() {
             for l in [f.up, f.down, f.wan] {
                 if l != NO_LINK {
                     self.count[l as usize] += 1;
                 }
+            }
+            self.up_count[f.up as usize] += 1;
+            if self.up_count[f.up as usize] == 1 {
+                self.ups.push(f.up);
             }
         }
         // 1. Receiving links: equal shares.
@@ -308,27 +328,33 @@ impl Net {
                 }
             }
         }
-        // 2. Uplinks: water-filling under the receivers' shares.
-        let mut caps: Vec<(f64, u32)> = Vec::new();
-        for up in 0..self.by_up.len() {
-            let list = &self.by_up[up];
-            if list.is_empty() {
-                continue;
+        // 2. Uplinks: water-filling under the receivers' shares. The flows are grouped by
+        // uplink first (a counting sort: `group_end` is where each uplink's group ends once
+        // filled), then each group is filled in (cap, slot) order.
+        let mut at = 0u32;
+        for &up in &self.ups {
+            self.group_end[up as usize] = at;
+            at += self.up_count[up as usize];
+        }
+        self.grouped.clear();
+        self.grouped.resize(at as usize, (0.0, 0));
+        for (s, f) in self.flows.iter().enumerate() {
+            let Some(f) = f else { continue };
+            let mut c = self.share[f.down as usize];
+            if f.wan != NO_LINK {
+                c = c.min(self.share[f.wan as usize]);
             }
-            caps.clear();
-            for &s in list {
-                if let Some(f) = &self.flows[s as usize] {
-                    let mut c = self.share[f.down as usize];
-                    if f.wan != NO_LINK {
-                        c = c.min(self.share[f.wan as usize]);
-                    }
-                    caps.push((c, s));
-                }
-            }
+            let end = &mut self.group_end[f.up as usize];
+            self.grouped[*end as usize] = (c, s as u32);
+            *end += 1;
+        }
+        for &up in &self.ups {
+            let end = self.group_end[up as usize] as usize;
+            let caps = &mut self.grouped[end - self.up_count[up as usize] as usize..end];
             caps.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut left = self.cap[up];
+            let mut left = self.cap[up as usize];
             let mut m = caps.len();
-            for &(c, s) in &caps {
+            for &(c, s) in caps.iter() {
                 let fair = left / m as f64;
                 let r = c.min(fair);
                 left -= r;
