@@ -234,7 +234,7 @@ mod tests {
                     0 => 0,
                     1..=5 => rng.gen_range(0..(1 << BUCKET_SHIFT)),
                     6..=8 => rng.gen_range(0..(BUCKETS << BUCKET_SHIFT)),
-                    _ => rng.gen_range(0..(40 * BUCKETS << BUCKET_SHIFT)),
+                    _ => rng.gen_range(0..((40 * BUCKETS) << BUCKET_SHIFT)),
                 };
                 let at = q.now() + after;
                 seq += 1;
