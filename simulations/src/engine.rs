@@ -61,7 +61,7 @@ const BUCKETS: u64 = 4096;
 
 /// Events of type `E` ordered by time, then by the order they were scheduled.
 ///
-/// A calendar queue: events due within the next [`BUCKETS`] buckets of about a millisecond each
+/// A calendar queue: events due within the next 4,096 buckets of about a millisecond each
 /// are appended to their bucket, and only the bucket being drained is a heap. Later events
 /// wait in a heap of their own and move into the window as it advances. A fleet run keeps
 /// millions of events pending; one binary heap over all of them made every pop a walk down
