@@ -97,8 +97,9 @@ pub struct Net {
     slot_end: Option<u64>,
     /// Scratch of [`tick`](Self::tick): the uplinks with flows, each one's count of flows
     /// leaving it and where its group ends in `grouped` (both indexed by link id), and every
-    /// flow's receiver cap and slot, grouped by uplink. Walking the flows once and grouping them here costs far less than walking
-    /// every uplink's own list, which is a cache miss per uplink and per flow.
+    /// flow's receiver cap and slot, grouped by uplink. Walking the flows once and grouping
+    /// them here costs far less than walking every uplink's own list, which is a cache miss
+    /// per uplink and per flow.
     ups: Vec<LinkId>,
     up_count: Vec<u32>,
     group_end: Vec<u32>,
