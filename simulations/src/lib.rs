@@ -68,7 +68,10 @@
 //!
 //! A scenario is a TOML file ([`scenario`]); `simulations/scenarios/` holds the standard ones.
 //! A run gives a [`report::Report`]: a human summary, JSON, and SVG plots ([`plot`]), every
-//! figure beside its lower bound `T_min`.
+//! figure beside its lower bound `T_min`. Where a staging time lands above `T_min`, the
+//! link-use series say where it went: how long the staging hosts' downlinks took to fill (the
+//! ramp), how full they stayed, and how many hosts held chunks while their uplinks sat idle
+//! ([`report::SeriesReport::staging_use`], the `-links.svg` plot).
 
 pub mod artifact;
 pub mod engine;

@@ -154,6 +154,11 @@ impl Net {
         id
     }
 
+    /// The share of link `l`'s capacity its flows use now (their rates in the current slot).
+    pub fn link_use(&self, l: LinkId) -> f64 {
+        self.used[l as usize] / self.cap[l as usize]
+    }
+
     /// Flows in progress.
     pub fn live(&self) -> usize {
         self.live

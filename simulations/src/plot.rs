@@ -1,4 +1,5 @@
-//! SVG plots of a [`Report`]: completion CDF, egress over time, rollout progress over time.
+//! SVG plots of a [`Report`]: completion CDF, egress over time, rollout progress over time,
+//! the hosts' link use over time.
 //!
 //! Drawn with plotters' SVG backend and no font stack: text is written as SVG text and left to
 //! the viewer to render.
@@ -32,17 +33,19 @@ fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
     PlotError { path: path.display().to_string(), message: e.to_string() }
 }
 
-/// Writes `NAME-cdf.svg`, `NAME-egress.svg` and `NAME-progress.svg` into `dir`; returns their
-/// paths.
+/// Writes `NAME-cdf.svg`, `NAME-egress.svg`, `NAME-progress.svg` and `NAME-links.svg` into
+/// `dir`; returns their paths.
 pub fn write_all(report: &Report, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     let name = &report.scenario;
     let cdf = dir.join(format!("{name}-cdf.svg"));
     let egress = dir.join(format!("{name}-egress.svg"));
     let progress = dir.join(format!("{name}-progress.svg"));
+    let links = dir.join(format!("{name}-links.svg"));
     completion_cdf(report, &cdf)?;
     egress_over_time(report, &egress)?;
     progress_over_time(report, &progress)?;
-    Ok(vec![cdf, egress, progress])
+    links_over_time(report, &links)?;
+    Ok(vec![cdf, egress, progress, links])
 }
 
 fn completion_cdf(report: &Report, path: &Path) -> Result<(), PlotError> {
@@ -160,29 +163,44 @@ fn egress_over_time(report: &Report, path: &Path) -> Result<(), PlotError> {
 }
 
 fn progress_over_time(report: &Report, path: &Path) -> Result<(), PlotError> {
+    let s = &report.series;
+    let hosts = |v: &Vec<u32>| v.iter().map(|&n| f64::from(n)).collect::<Vec<f64>>();
+    let lines = [
+        ("holding every chunk", hosts(&s.complete), COLORS[0]),
+        ("staged (verified)", hosts(&s.staged), COLORS[1]),
+        ("running the target", hosts(&s.on_target), COLORS[2]),
+        ("updated (coordinator)", hosts(&s.updated), COLORS[3]),
+    ];
+    let len = s.complete.len().max(s.updated.len());
+    let caption = format!("{}: rollout progress", report.scenario);
+    let y_max = report.hosts.max(1) as f64 * 1.05;
+    lines_over_time(path, &caption, "hosts", y_max, (len, s.bucket), &lines)
+}
+
+/// A chart of labelled lines over time, one point per bucket of `width` seconds (`len`
+/// buckets at least), the legend at the lower right.
+fn lines_over_time(
+    path: &Path,
+    caption: &str,
+    y_desc: &str,
+    y_max: f64,
+    (len, width): (usize, f64),
+    lines: &[(&str, Vec<f64>, RGBColor)],
+) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(path, e))?;
-    let s = &report.series;
-    let len = s.complete.len().max(s.updated.len()).max(1);
-    let t_max = len as f64 * s.bucket;
-    let y_max = report.hosts.max(1) as f64 * 1.05;
+    let len = lines.iter().map(|(_, v, _)| v.len()).fold(len, usize::max).max(1);
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{}: rollout progress", report.scenario), ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .build_cartesian_2d(0.0..len as f64 * width, 0.0..y_max)
         .map_err(|e| err(path, e))?;
-    chart.configure_mesh().x_desc("seconds").y_desc("hosts").draw().map_err(|e| err(path, e))?;
-    let lines: [(&str, &Vec<u32>, RGBColor); 4] = [
-        ("holding every chunk", &s.complete, COLORS[0]),
-        ("staged (verified)", &s.staged, COLORS[1]),
-        ("running the target", &s.on_target, COLORS[2]),
-        ("updated (coordinator)", &s.updated, COLORS[3]),
-    ];
-    for (label, v, color) in lines {
+    chart.configure_mesh().x_desc("seconds").y_desc(y_desc).draw().map_err(|e| err(path, e))?;
+    for &(label, ref v, color) in lines {
         let points: Vec<(f64, f64)> =
-            v.iter().enumerate().map(|(i, &n)| (i as f64 * s.bucket, f64::from(n))).collect();
+            v.iter().enumerate().map(|(i, &y)| (i as f64 * width, y)).collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(|e| err(path, e))?
@@ -197,4 +215,21 @@ fn progress_over_time(report: &Report, path: &Path) -> Result<(), PlotError> {
         .draw()
         .map_err(|e| err(path, e))?;
     root.present().map_err(|e| err(path, e))
+}
+
+/// Where staging time goes: the staging hosts' downlink use, the chunk holders' uplink use, and
+/// the share of hosts holding chunks whose uplink sits under half used while they still stage.
+fn links_over_time(report: &Report, path: &Path) -> Result<(), PlotError> {
+    let s = &report.series;
+    let pct = |v: &Vec<f64>| v.iter().map(|&u| 100.0 * u).collect::<Vec<f64>>();
+    let hosts = report.hosts.max(1) as f64;
+    let idle = s.idle_holders.iter().map(|&n| 100.0 * f64::from(n) / hosts).collect();
+    let lines = [
+        ("downlink use, hosts staging", pct(&s.staging_down_use), COLORS[0]),
+        ("uplink use, hosts holding chunks", pct(&s.holder_up_use), COLORS[1]),
+        ("hosts staging with chunks and an idle uplink", idle, COLORS[3]),
+    ];
+    let caption = format!("{}: hosts' link use", report.scenario);
+    let y_desc = "% (sampled at bucket ends)";
+    lines_over_time(path, &caption, y_desc, 105.0, (0, s.bucket), &lines)
 }

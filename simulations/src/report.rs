@@ -166,6 +166,61 @@ pub struct SeriesReport {
     pub on_target: Vec<u32>,
     /// Hosts the rollout counts updated.
     pub updated: Vec<u32>,
+    /// Mean downlink use (0-1) of the live hosts still staging, sampled at each bucket's end
+    /// (the rates of that instant, not a mean over the bucket).
+    pub staging_down_use: Vec<f64>,
+    /// Mean uplink use (0-1) of the live hosts holding at least one chunk, sampled likewise.
+    pub holder_up_use: Vec<f64>,
+    /// Live hosts still staging that hold a chunk but use under half their uplink, sampled
+    /// likewise: upload capacity idle while the fleet still downloads.
+    pub idle_holders: Vec<u32>,
+}
+
+impl SeriesReport {
+    /// Where the staging time went, from the link-use series: when the staging hosts'
+    /// downlinks first reached half and 90 % use, their median use from then until the first
+    /// host held every chunk, and the most hosts holding chunks with idle uplinks (and when).
+    /// `None` if no host was sampled staging.
+    pub fn staging_use(&self) -> Option<StagingUse> {
+        let at = |i: usize| i as f64 * self.bucket;
+        let reached = |x: f64| self.staging_down_use.iter().position(|&u| u >= x).map(at);
+        let half = reached(0.5);
+        let ninety = self.staging_down_use.iter().position(|&u| u >= 0.9);
+        let first_done = self.complete.iter().position(|&n| n > 0).unwrap_or(self.complete.len());
+        let mut steady: Vec<f64> = match ninety {
+            Some(i) if i < first_done => self.staging_down_use[i..first_done].to_vec(),
+            _ => Vec::new(),
+        };
+        steady.sort_by(f64::total_cmp);
+        let (peak, when) = self
+            .idle_holders
+            .iter()
+            .enumerate()
+            .max_by_key(|&(i, &n)| (n, std::cmp::Reverse(i)))
+            .map_or((0, 0.0), |(i, &n)| (n, at(i)));
+        self.staging_down_use.iter().any(|&u| u > 0.0).then(|| StagingUse {
+            half_at: half,
+            ninety_at: ninety.map(at),
+            steady_median: steady.get(steady.len() / 2).copied(),
+            idle_holders_peak: peak,
+            idle_holders_peak_at: when,
+        })
+    }
+}
+
+/// See [`SeriesReport::staging_use`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StagingUse {
+    /// First sample with the staging hosts' downlinks at least half used (s).
+    pub half_at: Option<f64>,
+    /// First sample with them at least 90 % used (s).
+    pub ninety_at: Option<f64>,
+    /// Their median use from `ninety_at` until the first host held every chunk.
+    pub steady_median: Option<f64>,
+    /// The most staging hosts holding a chunk with their uplink under half used.
+    pub idle_holders_peak: u32,
+    /// When that was (s).
+    pub idle_holders_peak_at: f64,
 }
 
 /// A run's report.
@@ -354,6 +409,9 @@ impl Report {
             staged: s.staged.clone(),
             on_target: s.on_target.clone(),
             updated: s.updated.clone(),
+            staging_down_use: s.staging_down_use.clone(),
+            holder_up_use: s.holder_up_use.clone(),
+            idle_holders: s.idle_holders.clone(),
         };
         let origin_total: u64 = outcome.origin_to_region.iter().sum();
         Report {
@@ -455,6 +513,21 @@ impl Report {
             self.origin_egress_per_artifact,
             self.origin_egress_per_artifact / self.regions.len().max(1) as f64
         );
+        if let Some(u) = self.series.staging_use() {
+            let secs = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("at {v:.1} s"));
+            let _ = writeln!(
+                s,
+                "staging hosts' downlinks (sampled every {} s): half used {}, 90 % {}; median {} \
+                 from then until the first host completed; most hosts holding chunks with idle \
+                 uplinks: {} at {:.1} s",
+                self.series.bucket,
+                secs(u.half_at),
+                secs(u.ninety_at),
+                u.steady_median.map_or("-".to_string(), |m| format!("{:.1} %", 100.0 * m)),
+                u.idle_holders_peak,
+                u.idle_holders_peak_at
+            );
+        }
         let w = &self.swarm;
         let total = (w.from_peers + w.from_caches + w.from_origin).max(1) as f64;
         let _ = writeln!(

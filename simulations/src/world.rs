@@ -278,6 +278,14 @@ pub struct Series {
     pub updated: Vec<u32>,
     /// Hosts running the target (as the simulator sees them).
     pub on_target: Vec<u32>,
+    /// Mean downlink use of the live hosts still staging, at the end of each bucket (0 when
+    /// none is).
+    pub staging_down_use: Vec<f64>,
+    /// Mean uplink use of the live hosts holding at least one chunk, at the end of each bucket.
+    pub holder_up_use: Vec<f64>,
+    /// Live hosts still staging that hold at least one chunk but use under half their uplink,
+    /// at the end of each bucket: upload capacity idle while hosts still download.
+    pub idle_holders: Vec<u32>,
 }
 
 /// The whole simulated world.
@@ -1839,6 +1847,7 @@ impl World {
 
     fn sample(&mut self, now: Time) {
         let b = (now / self.bucket) as usize;
+        let (down, up, idle) = self.link_use();
         let s = &mut self.out.series;
         grow(&mut s.origin, b);
         for c in &mut s.cache {
@@ -1849,11 +1858,41 @@ impl World {
         let updated = self.rollout.as_ref().map_or(0, |r| r.status().totals.updated);
         grow(&mut s.updated, b)[b] = updated;
         grow(&mut s.on_target, b)[b] = self.on_target;
+        grow(&mut s.staging_down_use, b)[b] = down;
+        grow(&mut s.holder_up_use, b)[b] = up;
+        grow(&mut s.idle_holders, b)[b] = idle;
         if self.quiescent() {
             self.finished = true;
             return;
         }
         self.q.after(self.bucket, Ev::Sample);
+    }
+
+    /// The hosts' links now: the mean downlink use of the hosts still staging, the mean uplink
+    /// use of the hosts holding a chunk, and how many staging hosts hold a chunk but use under
+    /// half their uplink. O(hosts), once per bucket.
+    fn link_use(&self) -> (f64, f64, u32) {
+        let (mut down, mut staging, mut up, mut holders, mut idle) = (0.0, 0u32, 0.0, 0u32, 0);
+        for n in &self.nodes {
+            let Some(s) = n.sched.as_ref().filter(|_| n.role == Role::Host && n.alive) else {
+                continue;
+            };
+            let holds = s.progress().done().chunks > 0;
+            let up_use = self.net.link_use(n.up);
+            if holds {
+                holders += 1;
+                up += up_use;
+            }
+            if !s.is_complete() {
+                staging += 1;
+                down += self.net.link_use(n.down);
+                if holds && up_use < 0.5 {
+                    idle += 1;
+                }
+            }
+        }
+        let mean = |sum: f64, n: u32| if n == 0 { 0.0 } else { sum / f64::from(n) };
+        (mean(down, staging), mean(up, holders), idle)
     }
 
     /// Nothing more can happen that the scenario is about.

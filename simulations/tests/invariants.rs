@@ -38,6 +38,16 @@ fn a_canary_rollout_stages_verified_content_everywhere_and_updates_every_host() 
     assert_eq!(rollout.phase, "Done");
     assert_eq!(rollout.updated as u64, r.hosts);
     assert_eq!(rollout.on_target as u64, r.hosts);
+    // The link-use series: one sample per bucket, no link ever used beyond its capacity, and
+    // the staging hosts' downlinks busy for part of the run.
+    let s = &r.series;
+    assert_eq!(s.staging_down_use.len(), s.complete.len());
+    for u in s.staging_down_use.iter().chain(&s.holder_up_use) {
+        assert!((0.0..=1.0 + 1e-9).contains(u), "link use {u}: {:?}", s);
+    }
+    assert!(s.idle_holders.iter().all(|&n| u64::from(n) <= r.hosts));
+    let used = r.series.staging_use().expect("hosts were sampled staging");
+    assert!(used.half_at.is_some(), "{}", r.summary());
 }
 
 #[test]
