@@ -172,9 +172,10 @@
 //! # Cost
 //!
 //! Per scheduler: the held set (n/8 bytes); while staging, 11 bytes per chunk for the rarest-first
-//! order (released on completion); per peer under 200 bytes, its in-flight requests, and its
-//! bitfield (n/8 bytes, dropped when the peer is known to have everything: caches, the origin,
-//! and finished hosts unless have suppression kept some of their chunks from us); with a
+//! order (released on completion); per peer under 224 bytes (with its bitfield, up to 256
+//! chunks), its in-flight requests, and for more chunks its bitfield (n/8 bytes); a bitfield is
+//! dropped when the peer is known to have everything (caches, the origin, and finished hosts
+//! unless have suppression kept some of their chunks from us); with a
 //! `seed_window` (sources only), 24 bytes per chunk. For 3,200 chunks and 50 half-done peers
 //! that is about 75 KB while staging and 10 KB once complete.
 //!
@@ -190,6 +191,7 @@ mod bitfield;
 mod deferred;
 mod picker;
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -882,6 +884,11 @@ pub struct Scheduler {
     progress: Progress,
     /// Scheduling pass counter, to visit each peer once per pass.
     round: u32,
+    /// [`poll_timeout`](Self::poll_timeout)'s last answer, kept until an event may have
+    /// changed what it depends on (`None`: ask again). The shell asks after every event, and
+    /// the commonest event, a `Have` that needs no request, changes none of it: the answer
+    /// then costs no look at the deadlines, the deferrals or the upload queue.
+    next_timeout: Cell<Option<Option<Duration>>>,
     scratch: Vec<(u16, u32, ChunkIndex)>,
 }
 
@@ -1119,6 +1126,7 @@ impl Scheduler {
             commands: VecDeque::new(),
             progress,
             round: 0,
+            next_timeout: Cell::new(None),
             scratch: Vec::new(),
         };
         if scheduler.have.is_full() {
@@ -1137,6 +1145,15 @@ impl Scheduler {
 
     /// When [`handle_timeout`](Self::handle_timeout) is next due, if anything is waiting on time.
     pub fn poll_timeout(&self) -> Option<Duration> {
+        if let Some(next) = self.next_timeout.get() {
+            return next;
+        }
+        let next = self.compute_timeout();
+        self.next_timeout.set(Some(next));
+        next
+    }
+
+    fn compute_timeout(&self) -> Option<Duration> {
         let mut next: Option<Duration> = None;
         let mut consider = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
         if let Some(&(deadline, _)) = self.deadlines.first() {
@@ -1357,7 +1374,9 @@ impl Scheduler {
         peer: PeerId,
         index: ChunkIndex,
     ) -> Result<(), EventError> {
-        let now = self.advance(now);
+        // A Have changes only the peer's bits, availability and usefulness, none of which
+        // `poll_timeout` reads, unless it leads to a scheduling pass (requests, the permit).
+        let now = self.advance_clock(now);
         self.check_index(index)?;
         self.check_peer(peer)?;
         if self.is_complete() {
@@ -1374,6 +1393,7 @@ impl Scheduler {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.exhausted = false;
             }
+            self.next_timeout.set(None);
             self.schedule(now, Some(peer));
         }
         Ok(())
@@ -1837,7 +1857,15 @@ impl Scheduler {
     // ---------------------------------------------------------------------------------------
     // Internals
 
+    /// Every event handler starts here: moves the clock and forgets
+    /// [`poll_timeout`](Self::poll_timeout)'s answer (the event may change it).
     fn advance(&mut self, now: Duration) -> Duration {
+        self.next_timeout.set(None);
+        self.advance_clock(now)
+    }
+
+    /// Moves the clock only, for a handler that forgets the timeout itself where it may change.
+    fn advance_clock(&mut self, now: Duration) -> Duration {
         self.now = self.now.max(now);
         self.now
     }
@@ -2532,6 +2560,6 @@ mod tests {
     #[test]
     fn per_peer_state_stays_small() {
         let size = std::mem::size_of::<Peer>();
-        assert!(size < 200, "Peer is {size} bytes");
+        assert!(size < 224, "Peer is {size} bytes");
     }
 }
