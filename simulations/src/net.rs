@@ -71,7 +71,6 @@ struct Flow {
     finish_scheduled: bool,
     /// Eligible for leftover capacity in this slot (step 3).
     bonus: bool,
-    payload: Payload,
 }
 
 /// The links and the flows on them. See the module docs.
@@ -84,8 +83,14 @@ pub struct Net {
     count: Vec<u32>,
     share: Vec<f64>,
     eligible: Vec<u32>,
+    /// The tick that last zeroed each link's counters, and the current tick's number.
+    stamp: Vec<u32>,
+    tick_no: u32,
     /// Flows by slot; `None` is free.
     flows: Vec<Option<Flow>>,
+    /// What each slot's flow carries, kept apart: the slot tick walks every flow several
+    /// times and never reads it.
+    payloads: Vec<Payload>,
     generations: Vec<u32>,
     free: Vec<u32>,
     /// Flow slots leaving each uplink (indexed by link id; empty for other links).
@@ -124,8 +129,11 @@ impl Net {
             used: Vec::new(),
             count: Vec::new(),
             share: Vec::new(),
+            stamp: Vec::new(),
+            tick_no: 0,
             eligible: Vec::new(),
             flows: Vec::new(),
+            payloads: Vec::new(),
             generations: Vec::new(),
             free: Vec::new(),
             by_up: Vec::new(),
@@ -146,6 +154,7 @@ impl Net {
         self.used.push(0.0);
         self.count.push(0);
         self.share.push(0.0);
+        self.stamp.push(0);
         self.eligible.push(0);
         self.by_up.push(Vec::new());
         self.by_down.push(Vec::new());
@@ -183,7 +192,7 @@ impl Net {
 
     /// What flow `id` carries, if it is in progress.
     pub fn payload(&self, id: FlowId) -> Option<Payload> {
-        self.flow(id).map(|f| f.payload)
+        self.flow(id).map(|_| self.payloads[id.slot as usize])
     }
 
     fn flow(&self, id: FlowId) -> Option<&Flow> {
@@ -227,15 +236,16 @@ impl Net {
             since: now,
             finish_scheduled: false,
             bonus: false,
-            payload,
         };
         let slot = match self.free.pop() {
             Some(s) => {
                 self.flows[s as usize] = Some(flow);
+                self.payloads[s as usize] = payload;
                 s
             }
             None => {
                 self.flows.push(Some(flow));
+                self.payloads.push(payload);
                 self.generations.push(0);
                 (self.flows.len() - 1) as u32
             }
@@ -283,11 +293,12 @@ impl Net {
         }
         let elapsed = now.saturating_sub(f.since) as f64 / 1e9;
         let left = (f.remaining - f.rate * elapsed).max(0.0);
-        let sent = (f64::from(f.payload.bytes) - left).round().max(0.0) as u64;
+        let payload = self.payloads[id.slot as usize];
+        let sent = (f64::from(payload.bytes) - left).round().max(0.0) as u64;
         if self.live == 0 {
             self.slot_end = None;
         }
-        Some((f.payload, sent))
+        Some((payload, sent))
     }
 
     /// A slot boundary (at [`slot_end`](Self::slot_end)): advances every flow, recomputes
@@ -299,25 +310,26 @@ impl Net {
             return false;
         }
         self.slot_end = Some(now + self.slot);
-        // Advance, and count flows per link.
+        // Advance, and count flows per link: a link's counters are zeroed when the first of
+        // its flows is met (its stamp is not this tick's), so one pass does both.
+        self.tick_no = self.tick_no.wrapping_add(1);
+        let tick_no = self.tick_no;
+        self.ups.clear();
         for f in self.flows.iter_mut().flatten() {
             let elapsed = now.saturating_sub(f.since) as f64 / 1e9;
             f.remaining = (f.remaining - f.rate * elapsed).max(0.0);
             f.since = now;
-            self.up_count[f.up as usize] = 0;
             for l in [f.up, f.down, f.wan] {
                 if l != NO_LINK {
-                    self.count[l as usize] = 0;
-                    self.used[l as usize] = 0.0;
-                    self.eligible[l as usize] = 0;
-                }
-            }
-        }
-        self.ups.clear();
-        for f in self.flows.iter().flatten() {
-            for l in [f.up, f.down, f.wan] {
-                if l != NO_LINK {
-                    self.count[l as usize] += 1;
+                    let l = l as usize;
+                    if self.stamp[l] != tick_no {
+                        self.stamp[l] = tick_no;
+                        self.count[l] = 0;
+                        self.used[l] = 0.0;
+                        self.eligible[l] = 0;
+                        self.up_count[l] = 0;
+                    }
+                    self.count[l] += 1;
                 }
             }
             self.up_count[f.up as usize] += 1;
@@ -325,15 +337,7 @@ impl Net {
                 self.ups.push(f.up);
             }
         }
-        // 1. Receiving links: equal shares.
-        for f in self.flows.iter().flatten() {
-            for l in [f.down, f.wan] {
-                if l != NO_LINK {
-                    self.share[l as usize] =
-                        self.cap[l as usize] / f64::from(self.count[l as usize]);
-                }
-            }
-        }
+        // 1. Receiving links: equal shares (`receiver_cap`, computed where needed).
         // 2. Uplinks: water-filling under the receivers' shares. The flows are grouped by
         // uplink first (a counting sort: `group_end` is where each uplink's group ends once
         // filled), then each group is filled in (cap, slot) order.
@@ -346,10 +350,7 @@ impl Net {
         self.grouped.resize(at as usize, (0.0, 0));
         for (s, f) in self.flows.iter().enumerate() {
             let Some(f) = f else { continue };
-            let mut c = self.share[f.down as usize];
-            if f.wan != NO_LINK {
-                c = c.min(self.share[f.wan as usize]);
-            }
+            let c = Self::receiver_cap(&self.cap, &self.count, f);
             let end = &mut self.group_end[f.up as usize];
             self.grouped[*end as usize] = (c, s as u32);
             *end += 1;
@@ -382,10 +383,7 @@ impl Net {
         let mut any = false;
         for slot in 0..self.flows.len() {
             let Some(f) = &self.flows[slot] else { continue };
-            let mut c = self.share[f.down as usize];
-            if f.wan != NO_LINK {
-                c = c.min(self.share[f.wan as usize]);
-            }
+            let c = Self::receiver_cap(&self.cap, &self.count, f);
             let capped = f.rate >= c * (1.0 - 1e-9);
             let links = [f.up, f.down, f.wan];
             let eligible = capped
@@ -416,29 +414,31 @@ impl Net {
                     }
                 }
             }
-            for f in self.flows.iter_mut().flatten().filter(|f| f.bonus) {
-                let mut inc = f64::INFINITY;
-                for l in [f.up, f.down, f.wan] {
-                    if l != NO_LINK {
-                        inc = inc.min(self.share[l as usize]);
+            // Apply the increments and sum the rates again, in one pass: a flow's increment
+            // reads only `share`, and each link's sum restarts at its first flow (stamps).
+            self.tick_no = self.tick_no.wrapping_add(1);
+            let tick_no = self.tick_no;
+            for f in self.flows.iter_mut().flatten() {
+                if f.bonus {
+                    let mut inc = f64::INFINITY;
+                    for l in [f.up, f.down, f.wan] {
+                        if l != NO_LINK {
+                            inc = inc.min(self.share[l as usize]);
+                        }
+                    }
+                    if inc.is_finite() && inc > 0.0 {
+                        f.rate += inc;
                     }
                 }
-                if inc.is_finite() && inc > 0.0 {
-                    f.rate += inc;
-                }
-            }
-            for f in self.flows.iter().flatten() {
                 for l in [f.up, f.down, f.wan] {
                     if l != NO_LINK {
-                        self.used[l as usize] = 0.0;
-                        self.eligible[l as usize] = 0;
-                    }
-                }
-            }
-            for f in self.flows.iter().flatten() {
-                for l in [f.up, f.down, f.wan] {
-                    if l != NO_LINK {
-                        self.used[l as usize] += f.rate;
+                        let l = l as usize;
+                        if self.stamp[l] != tick_no {
+                            self.stamp[l] = tick_no;
+                            self.used[l] = 0.0;
+                            self.eligible[l] = 0;
+                        }
+                        self.used[l] += f.rate;
                     }
                 }
             }
@@ -458,6 +458,16 @@ impl Net {
             }
         }
         true
+    }
+}
+
+impl Net {
+    /// Step 1's cap of flow `f`: the equal share of its downlink and, from the origin, of its
+    /// WAN link.
+    fn receiver_cap(cap: &[f64], count: &[u32], f: &Flow) -> f64 {
+        let share = |l: LinkId| cap[l as usize] / f64::from(count[l as usize]);
+        let c = share(f.down);
+        if f.wan != NO_LINK { c.min(share(f.wan)) } else { c }
     }
 }
 
