@@ -1953,23 +1953,31 @@ impl Scheduler {
     }
 
     /// Chunk `index` left the wanted set: the peers that advertised it have one wanted chunk
-    /// fewer. O(useful peers).
+    /// fewer. O(useful peers · log), or O(peers) when most peers are useful: both sets are
+    /// ordered by id, and walking the peers alongside costs less than looking each one up.
     fn no_longer_wanted(&mut self, index: ChunkIndex) {
         let none_wanted = self.picker.wanted_len() == 0;
-        let peers = &mut self.peers;
-        self.useful.retain(|id| {
-            let Some(p) = peers.get_mut(id) else { return false };
-            match &p.bits {
-                Bits::Unknown => false,
-                Bits::Full => !none_wanted,
-                Bits::Partial(b) => {
-                    if b.contains(index) {
-                        p.useful -= 1;
-                    }
-                    p.useful > 0
+        // Whether `p` stays useful.
+        let keep = |p: &mut Peer| match &p.bits {
+            Bits::Unknown => false,
+            Bits::Full => !none_wanted,
+            Bits::Partial(b) => {
+                if b.contains(index) {
+                    p.useful -= 1;
                 }
+                p.useful > 0
             }
-        });
+        };
+        if self.useful.len() * 4 >= self.peers.len() {
+            let mut peers = self.peers.iter_mut().peekable();
+            self.useful.retain(|id| {
+                while peers.next_if(|(p, _)| *p < id).is_some() {}
+                peers.next_if(|(p, _)| *p == id).is_some_and(|(_, p)| keep(p))
+            });
+        } else {
+            let peers = &mut self.peers;
+            self.useful.retain(|id| peers.get_mut(id).is_some_and(keep));
+        }
     }
 
     /// Chunk `index` is wanted again (its write failed): the peers that advertise it have one
