@@ -1722,6 +1722,34 @@ fn a_source_that_keeps_refusing_as_seeded_recently_is_paused_then_asked_again() 
 }
 
 #[test]
+fn a_have_that_leads_to_a_request_moves_the_next_timeout_and_one_that_does_not_leaves_it() {
+    let n = 4;
+    let config = quiet_config();
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 31).expect("new");
+    let (a, b) = (PeerId(1), PeerId(2));
+    for p in [a, b] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+        core.handle_bitfield(ms(0), p, Bitfield::new(n)).expect("bits");
+    }
+    assert!(requests(&drain(&mut core)).is_empty(), "nobody has anything");
+    // Asked (and its answer kept) before the Have.
+    let before = core.poll_timeout();
+    core.handle_have(ms(5), a, 0).expect("have");
+    assert_eq!(requests(&drain(&mut core)), vec![(a, vec![0])]);
+    let deadline = ms(5) + config.request_timeout;
+    let after = Some(before.map_or(deadline, |t| t.min(deadline)));
+    assert_eq!(core.poll_timeout(), after, "the request's deadline counts");
+    // The same chunk from another peer: already requested, so nothing changes.
+    core.handle_have(ms(6), b, 0).expect("have");
+    assert!(drain(&mut core).is_empty());
+    assert_eq!(core.poll_timeout(), after);
+    // The request times out at its deadline: the answer moves on.
+    core.handle_timeout(deadline);
+    drain(&mut core);
+    assert_ne!(core.poll_timeout(), Some(deadline));
+}
+
+#[test]
 fn deferred_chunks_come_back_to_the_cache_in_deadline_order() {
     let n = 6;
     let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
