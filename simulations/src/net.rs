@@ -459,9 +459,7 @@ impl Net {
         }
         true
     }
-}
 
-impl Net {
     /// Step 1's cap of flow `f`: the equal share of its downlink and, from the origin, of its
     /// WAN link.
     fn receiver_cap(cap: &[f64], count: &[u32], f: &Flow) -> f64 {

@@ -183,9 +183,8 @@ impl SeriesReport {
     /// `None` if no host was sampled staging.
     pub fn staging_use(&self) -> Option<StagingUse> {
         let at = |i: usize| i as f64 * self.bucket;
-        let reached = |x: f64| self.staging_down_use.iter().position(|&u| u >= x).map(at);
-        let half = reached(0.5);
-        let ninety = self.staging_down_use.iter().position(|&u| u >= 0.9);
+        let reached = |x: f64| self.staging_down_use.iter().position(|&u| u >= x);
+        let ninety = reached(0.9);
         let first_done = self.complete.iter().position(|&n| n > 0).unwrap_or(self.complete.len());
         let mut steady: Vec<f64> = match ninety {
             Some(i) if i < first_done => self.staging_down_use[i..first_done].to_vec(),
@@ -199,7 +198,7 @@ impl SeriesReport {
             .max_by_key(|&(i, &n)| (n, std::cmp::Reverse(i)))
             .map_or((0, 0.0), |(i, &n)| (n, at(i)));
         self.staging_down_use.iter().any(|&u| u > 0.0).then(|| StagingUse {
-            half_at: half,
+            half_at: reached(0.5).map(at),
             ninety_at: ninety.map(at),
             steady_median: steady.get(steady.len() / 2).copied(),
             idle_holders_peak: peak,

@@ -1877,7 +1877,7 @@ impl World {
             let Some(s) = n.sched.as_ref().filter(|_| n.role == Role::Host && n.alive) else {
                 continue;
             };
-            let holds = s.progress().done().chunks > 0;
+            let holds = s.bitfield().count_ones() > 0;
             let up_use = self.net.link_use(n.up);
             if holds {
                 holders += 1;
