@@ -164,8 +164,11 @@
 //! every slot). A request beyond that waits in a queue of [`SwarmConfig::upload_queue_len`]
 //! entries for up to [`SwarmConfig::upload_queue_timeout`], and is rejected `Busy` when the queue
 //! is full or its wait expires: the requester then backs off and asks someone else, which
-//! spreads load better than a long queue. A free slot goes to the queued peer with the fewest
-//! uploads running, the oldest request among equals. Only held (durable) chunks
+//! spreads load better than a long queue. A full queue still takes a request from a peer with
+//! nothing running or queued here: it displaces (`Busy`) the youngest queued request of the
+//! peer holding the most places, so every asking peer gets a turn. A free slot goes to the
+//! queued peer with the fewest uploads running, the oldest request among equals. Only held
+//! (durable) chunks
 //! are served; banned peers never are. A source with a [`SwarmConfig::seed_window`] also refuses
 //! a chunk it has just sent to another host (see Sources).
 //!
@@ -1752,6 +1755,15 @@ impl Scheduler {
             let deadline = now + self.config.upload_queue_timeout;
             uploads.queue.push_back(Queued { peer, index, deadline });
             true
+        } else if let Some(at) = self.displaced_by(peer) {
+            let uploads = &mut self.uploads;
+            if let Some(q) = uploads.queue.remove(at) {
+                let reason = RejectReason::Busy;
+                self.commands.push_back(Command::Reject { peer: q.peer, index: q.index, reason });
+            }
+            let deadline = now + self.config.upload_queue_timeout;
+            uploads.queue.push_back(Queued { peer, index, deadline });
+            true
         } else {
             let reason = RejectReason::Busy;
             self.commands.push_back(Command::Reject { peer, index, reason });
@@ -1814,6 +1826,40 @@ impl Scheduler {
         }
         self.serve_queue();
         Ok(())
+    }
+
+    /// The upload queue is full and `peer` asks: the position of the queued request it
+    /// displaces, if any. A peer with nothing running or queued here takes the place of the
+    /// youngest queued request of the peer holding the most places (running plus queued; among
+    /// equals, the one with the most running), if that peer keeps at least one.
+    ///
+    /// Without this, peers that ask again the moment a piece arrives keep a full queue to
+    /// themselves: a peer that came late is refused `Busy` on every try, backs off, halves its
+    /// window, and never gets in. In the simulation of the 8-host network-namespace benchmark
+    /// two of the hosts got 12 % of their downlink for 20 s that way (the last host at
+    /// 1.70-1.97x T_min, against 1.21-1.25x measured; 1.18-1.19x with this).
+    ///
+    /// O(queue · log queue), and only while the queue is full.
+    fn displaced_by(&self, peer: PeerId) -> Option<usize> {
+        let queue = &self.uploads.queue;
+        let running = |id: PeerId| self.peers.get(&id).map_or(0, |p| p.uploads);
+        if running(peer) > 0 || queue.iter().any(|q| q.peer == peer) {
+            return None;
+        }
+        let mut queued: Vec<PeerId> = queue.iter().map(|q| q.peer).collect();
+        queued.sort_unstable();
+        // Per queued peer, by id: (places held, uploads running).
+        let held: Vec<(PeerId, (u32, u32))> = queued
+            .chunk_by(|a, b| a == b)
+            .map(|run| {
+                let r = running(run[0]);
+                (run[0], (r + run.len() as u32, r))
+            })
+            .collect();
+        let most = held.iter().map(|&(_, h)| h).max().filter(|&(places, _)| places >= 2)?;
+        queue.iter().rposition(|q| {
+            held.binary_search_by_key(&q.peer, |&(id, _)| id).is_ok_and(|i| held[i].1 == most)
+        })
     }
 
     fn start_upload(&mut self, peer: PeerId, index: ChunkIndex) {

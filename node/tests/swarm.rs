@@ -1035,19 +1035,22 @@ fn upload_slots_bound_serving_then_queue_then_reject() {
     core.handle_request(ms(1), x, 0).expect("request");
     core.handle_request(ms(1), x, 1).expect("request"); // x is at its per-peer limit: queued
     core.handle_request(ms(1), y, 0).expect("request");
-    core.handle_request(ms(1), z, 0).expect("request"); // slots and queue full
+    // Slots and queue full, but z has no place here: it takes that of x's queued request.
+    core.handle_request(ms(1), z, 0).expect("request");
+    core.handle_request(ms(1), z, 1).expect("request"); // z has its place: refused
     core.handle_request(ms(1), z, 3).expect("request"); // not held
     assert_eq!(
         drain(&mut core),
         vec![
             Command::Serve { peer: x, index: 0 },
             Command::Serve { peer: y, index: 0 },
-            Command::Reject { peer: z, index: 0, reason: RejectReason::Busy },
+            Command::Reject { peer: x, index: 1, reason: RejectReason::Busy },
+            Command::Reject { peer: z, index: 1, reason: RejectReason::Busy },
             Command::Reject { peer: z, index: 3, reason: RejectReason::NotHave },
         ]
     );
     core.handle_upload_done(ms(5), x, 0).expect("done");
-    assert_eq!(drain(&mut core), vec![Command::Serve { peer: x, index: 1 }]);
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: z, index: 0 }]);
     core.handle_request(ms(6), z, 2).expect("request"); // queued
     assert!(drain(&mut core).is_empty());
     assert_eq!(core.poll_timeout(), Some(ms(106)));
@@ -1061,6 +1064,55 @@ fn upload_slots_bound_serving_then_queue_then_reject() {
         Err(EventError::NotServing { peer: z, index: 2 })
     );
     assert_eq!(core.progress().uploaded.chunks, 3);
+}
+
+#[test]
+fn a_full_queue_takes_a_peer_with_no_place_in_it_from_the_peer_holding_the_most() {
+    let n = 8;
+    let config = SwarmConfig {
+        upload_slots: 1,
+        upload_slots_per_peer: 1,
+        upload_queue_len: 3,
+        ..SwarmConfig::default()
+    };
+    let all: Vec<ChunkIndex> = (0..n).collect();
+    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
+    let (v, w, x, y, z) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4), PeerId(5));
+    for p in [v, w, x, y, z] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    core.handle_request(ms(1), w, 0).expect("request"); // served
+    core.handle_request(ms(2), x, 1).expect("request"); // queued
+    core.handle_request(ms(3), x, 2).expect("request"); // queued
+    core.handle_request(ms(4), w, 3).expect("request"); // queued: the queue is full
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: w, index: 0 }]);
+    // w and x hold two places each; w has one running: its (only, so youngest) queued
+    // request makes room.
+    core.handle_request(ms(5), y, 4).expect("request");
+    assert_eq!(
+        drain(&mut core),
+        vec![Command::Reject { peer: w, index: 3, reason: RejectReason::Busy }]
+    );
+    // Now x holds the most: its youngest request goes.
+    core.handle_request(ms(6), z, 5).expect("request");
+    assert_eq!(
+        drain(&mut core),
+        vec![Command::Reject { peer: x, index: 2, reason: RejectReason::Busy }]
+    );
+    // Every queued peer holds one place: no one is displaced for v.
+    core.handle_request(ms(7), v, 6).expect("request");
+    assert_eq!(
+        drain(&mut core),
+        vec![Command::Reject { peer: v, index: 6, reason: RejectReason::Busy }]
+    );
+    // The queue is x's, y's and z's requests, in the order they came.
+    core.handle_upload_done(ms(10), w, 0).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: x, index: 1 }]);
+    core.handle_upload_done(ms(20), x, 1).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: y, index: 4 }]);
+    core.handle_upload_done(ms(30), y, 4).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: z, index: 5 }]);
 }
 
 #[test]
