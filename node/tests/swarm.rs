@@ -1116,6 +1116,36 @@ fn a_full_queue_takes_a_peer_with_no_place_in_it_from_the_peer_holding_the_most(
 }
 
 #[test]
+fn a_seeding_source_displaces_no_queued_request() {
+    let n = 4;
+    let config = SwarmConfig {
+        upload_slots: 1,
+        upload_slots_per_peer: 1,
+        upload_queue_len: 2,
+        seed_window: ms(1000),
+        ..SwarmConfig::default()
+    };
+    let all: Vec<ChunkIndex> = (0..n).collect();
+    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
+    let (w, x, y) = (PeerId(1), PeerId(2), PeerId(3));
+    for p in [w, x, y] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    core.handle_request(ms(1), w, 0).expect("request"); // served
+    core.handle_request(ms(2), x, 1).expect("request"); // queued
+    core.handle_request(ms(3), x, 2).expect("request"); // queued: the queue is full
+    core.handle_request(ms(4), y, 3).expect("request");
+    assert_eq!(
+        drain(&mut core),
+        vec![
+            Command::Serve { peer: w, index: 0 },
+            Command::Reject { peer: y, index: 3, reason: RejectReason::Busy },
+        ]
+    );
+}
+
+#[test]
 fn a_free_slot_goes_to_the_peer_served_least_then_to_the_oldest_request() {
     let n = 8;
     let config = SwarmConfig {
