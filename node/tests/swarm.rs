@@ -1066,6 +1066,17 @@ fn upload_slots_bound_serving_then_queue_then_reject() {
     assert_eq!(core.progress().uploaded.chunks, 3);
 }
 
+/// A scheduler holding all `n` chunks (complete), with `peers` connected as region peers.
+fn seeder(n: u32, config: SwarmConfig, peers: &[PeerId]) -> Scheduler {
+    let all: Vec<ChunkIndex> = (0..n).collect();
+    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
+    for &p in peers {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    core
+}
+
 #[test]
 fn a_full_queue_takes_a_peer_with_no_place_in_it_from_the_peer_holding_the_most() {
     let n = 8;
@@ -1075,13 +1086,8 @@ fn a_full_queue_takes_a_peer_with_no_place_in_it_from_the_peer_holding_the_most(
         upload_queue_len: 3,
         ..SwarmConfig::default()
     };
-    let all: Vec<ChunkIndex> = (0..n).collect();
-    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
     let (v, w, x, y, z) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4), PeerId(5));
-    for p in [v, w, x, y, z] {
-        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
-    }
-    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    let mut core = seeder(n, config, &[v, w, x, y, z]);
     core.handle_request(ms(1), w, 0).expect("request"); // served
     core.handle_request(ms(2), x, 1).expect("request"); // queued
     core.handle_request(ms(3), x, 2).expect("request"); // queued
@@ -1125,13 +1131,8 @@ fn a_seeding_source_displaces_no_queued_request() {
         seed_window: ms(1000),
         ..SwarmConfig::default()
     };
-    let all: Vec<ChunkIndex> = (0..n).collect();
-    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
     let (w, x, y) = (PeerId(1), PeerId(2), PeerId(3));
-    for p in [w, x, y] {
-        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
-    }
-    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    let mut core = seeder(n, config, &[w, x, y]);
     core.handle_request(ms(1), w, 0).expect("request"); // served
     core.handle_request(ms(2), x, 1).expect("request"); // queued
     core.handle_request(ms(3), x, 2).expect("request"); // queued: the queue is full
@@ -1154,13 +1155,8 @@ fn a_free_slot_goes_to_the_peer_served_least_then_to_the_oldest_request() {
         upload_queue_len: 8,
         ..SwarmConfig::default()
     };
-    let all: Vec<ChunkIndex> = (0..n).collect();
-    let mut core = Scheduler::new(ms(0), table(n), &bits(n, all), config, 7).expect("new");
     let (w, x, y, z) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4));
-    for p in [w, x, y, z] {
-        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
-    }
-    assert_eq!(drain(&mut core), vec![Command::Complete]);
+    let mut core = seeder(n, config, &[w, x, y, z]);
     core.handle_request(ms(1), x, 0).expect("request");
     core.handle_request(ms(1), y, 1).expect("request");
     core.handle_request(ms(1), z, 2).expect("request");
