@@ -1751,18 +1751,11 @@ impl Scheduler {
         {
             self.start_upload(peer, index);
             true
-        } else if (uploads.queue.len() as u32) < self.config.upload_queue_len {
+        } else if (uploads.queue.len() as u32) < self.config.upload_queue_len
+            || (!seeding && self.make_room(peer))
+        {
             let deadline = now + self.config.upload_queue_timeout;
-            uploads.queue.push_back(Queued { peer, index, deadline });
-            true
-        } else if let Some(at) = (!seeding).then(|| self.displaced_by(peer)).flatten() {
-            let uploads = &mut self.uploads;
-            if let Some(q) = uploads.queue.remove(at) {
-                let reason = RejectReason::Busy;
-                self.commands.push_back(Command::Reject { peer: q.peer, index: q.index, reason });
-            }
-            let deadline = now + self.config.upload_queue_timeout;
-            uploads.queue.push_back(Queued { peer, index, deadline });
+            self.uploads.queue.push_back(Queued { peer, index, deadline });
             true
         } else {
             let reason = RejectReason::Busy;
@@ -1826,6 +1819,17 @@ impl Scheduler {
         }
         self.serve_queue();
         Ok(())
+    }
+
+    /// Frees a place in the full upload queue for `peer` by refusing (`Busy`) the request
+    /// [`displaced_by`](Self::displaced_by) it; false if there is none.
+    fn make_room(&mut self, peer: PeerId) -> bool {
+        let Some(q) = self.displaced_by(peer).and_then(|at| self.uploads.queue.remove(at)) else {
+            return false;
+        };
+        let reason = RejectReason::Busy;
+        self.commands.push_back(Command::Reject { peer: q.peer, index: q.index, reason });
+        true
     }
 
     /// The upload queue is full and `peer` asks: the position of the queued request it
