@@ -1854,3 +1854,52 @@ fn deferred_chunks_come_back_to_the_cache_in_deadline_order() {
     }
     assert_eq!(host.poll_timeout(), None);
 }
+
+/// Refuses a whole streak of requests from `cache` as seeded recently, then steps through the
+/// timeouts until the host asks it again (into `pending`): returns how long it was paused.
+fn refuse_streak(
+    host: &mut Scheduler,
+    cache: PeerId,
+    t: &mut Duration,
+    pending: &mut Vec<(PeerId, Vec<ChunkIndex>)>,
+) -> Duration {
+    for _ in 0..host.config().seeded_refusals {
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert_eq!(pending[0].0, cache);
+        *t += ms(1);
+        let chunk = pending[0].1[0];
+        host.handle_rejected(*t, cache, chunk, RejectReason::SeededRecently).expect("reject");
+        *pending = requests(&drain(host));
+    }
+    assert!(pending.is_empty(), "paused: {pending:?}");
+    let refused_at = *t;
+    while pending.is_empty() {
+        *t = host.poll_timeout().expect("a pause ends");
+        host.handle_timeout(*t);
+        *pending = requests(&drain(host));
+    }
+    *t - refused_at
+}
+
+#[test]
+fn a_source_refusing_streak_after_streak_is_paused_longer_each_time_until_it_sends_a_piece() {
+    let n = 64;
+    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
+    let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
+    let cache = PeerId(10);
+    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    let mut t = ms(0);
+    let mut pending = requests(&drain(&mut host));
+    let pauses: Vec<Duration> =
+        (0..5).map(|_| refuse_streak(&mut host, cache, &mut t, &mut pending)).collect();
+    let b = config.busy_backoff;
+    assert_eq!(pauses, vec![b, b * 2, b * 4, config.busy_backoff_max, config.busy_backoff_max]);
+    // A piece from the source ends the run of pauses: the next streak pauses it briefly again.
+    let chunk = pending[0].1[0];
+    assert_eq!(
+        host.handle_piece(t, cache, chunk, PieceOutcome::Verified).expect("piece"),
+        PieceAction::Write
+    );
+    pending = requests(&drain(&mut host));
+    assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b);
+}
