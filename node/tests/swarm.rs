@@ -1903,3 +1903,26 @@ fn a_source_refusing_streak_after_streak_is_paused_longer_each_time_until_it_sen
     pending = requests(&drain(&mut host));
     assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b);
 }
+
+#[test]
+fn a_source_that_announces_a_new_chunk_is_paused_briefly_again() {
+    let n = 64;
+    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
+    let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
+    let cache = PeerId(10);
+    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    // A cache still pulling the manifest from the origin: it lacks the last chunk.
+    let mut bits = Bitfield::full(n);
+    bits.remove(n - 1);
+    host.handle_bitfield(ms(0), cache, bits).expect("bitfield");
+    let mut t = ms(0);
+    let mut pending = requests(&drain(&mut host));
+    let b = config.busy_backoff;
+    assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b);
+    assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b * 2);
+    // It got a new chunk from the origin: what it refused says little about what comes next.
+    host.handle_have(t, cache, n - 1).expect("have");
+    pending.extend(requests(&drain(&mut host)));
+    assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b);
+    assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b * 2);
+}
