@@ -1768,13 +1768,19 @@ fn a_scheduler_tracks_up_to_max_peers() {
     assert!(core.peer_score(PeerId(0)).is_some());
 }
 
-#[test]
-fn a_source_that_keeps_refusing_as_seeded_recently_is_paused_then_asked_again() {
-    let n = 8;
+/// A host staging `n` chunks with one cache connected, asking it one chunk at a time.
+fn host_behind_one_cache(n: u32) -> (Scheduler, PeerId) {
     let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
     let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
     let cache = PeerId(10);
     host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    (host, cache)
+}
+
+#[test]
+fn a_source_that_keeps_refusing_as_seeded_recently_is_paused_then_asked_again() {
+    let (mut host, cache) = host_behind_one_cache(8);
+    let config = *host.config();
     // The first refusals are each followed at once by a request for another chunk.
     let mut t = 0;
     for _ in 1..config.seeded_refusals {
@@ -1884,10 +1890,8 @@ fn refuse_streak(
 #[test]
 fn a_source_refusing_streak_after_streak_is_paused_longer_each_time_until_it_sends_a_piece() {
     let n = 64;
-    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
-    let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
-    let cache = PeerId(10);
-    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    let (mut host, cache) = host_behind_one_cache(n);
+    let config = *host.config();
     let mut t = ms(0);
     let mut pending = requests(&drain(&mut host));
     let pauses: Vec<Duration> =
@@ -1907,10 +1911,8 @@ fn a_source_refusing_streak_after_streak_is_paused_longer_each_time_until_it_sen
 #[test]
 fn a_source_that_announces_a_new_chunk_is_paused_briefly_again() {
     let n = 64;
-    let config = SwarmConfig { max_in_flight_back_to_source: 1, ..quiet_config() };
-    let mut host = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 29).expect("new");
-    let cache = PeerId(10);
-    host.handle_connected(ms(0), cache, PeerKind::Cache).expect("connect");
+    let (mut host, cache) = host_behind_one_cache(n);
+    let config = *host.config();
     // A cache still pulling the manifest from the origin: it lacks the last chunk.
     let mut bits = Bitfield::full(n);
     bits.remove(n - 1);
