@@ -485,7 +485,9 @@ pub struct SwarmConfig {
     /// Longest `Busy` back-off: each consecutive `Busy` from a peer (no piece from it in
     /// between) doubles [`busy_backoff`](Self::busy_backoff) up to this. Default 2 s, the
     /// upload queue's own timeout: a peer that keeps refusing is saturated by other
-    /// requesters, and asking it four times a second only adds rejections.
+    /// requesters, and asking it four times a second only adds rejections. It also bounds
+    /// the pauses of a source that keeps refusing as seeded recently
+    /// ([`seeded_refusals`](Self::seeded_refusals)).
     pub busy_backoff_max: Duration,
     /// How long after creation caches and the origin may be asked. Default 500 ms: enough for
     /// the region peers' bitfields to arrive, so that back-to-source requests are only for
@@ -952,7 +954,9 @@ struct Peer {
     window: u8,
     /// Pieces since `window` last grew.
     window_credit: u8,
-    /// `Busy` rejections since its last piece (the back-off doubles with each).
+    /// Back-offs in a row since its last piece (the next one doubles with each): one per
+    /// `Busy` rejection, and for a source one per streak of
+    /// [`SwarmConfig::seeded_refusals`]; a source's announcement of a new chunk clears it.
     busy_streak: u8,
     /// `SeededRecently` rejections since its last piece (a source: see
     /// [`SwarmConfig::seeded_refusals`]).
