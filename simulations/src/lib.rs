@@ -85,14 +85,24 @@ pub mod world;
 use artifact::{Artifact, ArtifactError};
 use report::Report;
 use scenario::Scenario;
+pub use world::RunProgress;
 
 /// Runs `scenario` and reports.
 pub fn run(scenario: &Scenario) -> Result<Report, ArtifactError> {
+    run_observed(scenario, |_| {})
+}
+
+/// [`run`], handing `observer` the run's progress at every sample of the series (the
+/// scenario's `run.bucket` of simulated time); the report is the same as [`run`]'s.
+pub fn run_observed(
+    scenario: &Scenario,
+    mut observer: impl FnMut(&RunProgress),
+) -> Result<Report, ArtifactError> {
     let art = Artifact::generate(
         scenario.artifact.size.0,
         scenario.artifact.chunk_avg.0 as u32,
         scenario.seed,
     )?;
-    let outcome = world::simulate(scenario.clone(), art.clone());
+    let outcome = world::simulate_observed(scenario.clone(), art.clone(), &mut observer);
     Ok(Report::new(scenario, &art, &outcome))
 }

@@ -1,8 +1,11 @@
 //! `fleetwave-sim SCENARIO.toml`: runs one scenario, prints its summary (or JSON), writes the
-//! JSON report and the plots.
+//! JSON report and the plots. While it runs, a progress line goes to stderr every few seconds
+//! (`--quiet` turns it off): the 50,000-host scenarios take minutes.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use fleetwave_sim::RunProgress;
 
 use anyhow::Context;
 use clap::Parser;
@@ -26,6 +29,30 @@ struct Args {
     /// Do not draw plots.
     #[arg(long)]
     no_plots: bool,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Wall time between two progress lines.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+fn progress_line(p: &RunProgress) -> String {
+    let share = |n: u32| f64::from(n) * 100.0 / f64::from(p.hosts.max(1));
+    let host_chunks = u64::from(p.hosts) * u64::from(p.chunks);
+    format!(
+        "simulated {:.1} s, {:.2} M events, {:.2} M pieces ({:.0} % of hosts x chunks): {} of {} hosts hold every chunk ({:.1} %), {} staged ({:.1} %), {} updated",
+        p.at as f64 / 1e9,
+        p.events as f64 / 1e6,
+        p.pieces as f64 / 1e6,
+        p.pieces as f64 * 100.0 / host_chunks.max(1) as f64,
+        p.complete,
+        p.hosts,
+        share(p.complete),
+        p.staged,
+        share(p.staged),
+        p.updated,
+    )
 }
 
 #[allow(clippy::print_stdout, reason = "a command-line tool prints its report")]
@@ -39,7 +66,16 @@ fn main() -> anyhow::Result<()> {
     }
     // Wall time is measured here, outside the model, and never enters the report.
     let started = Instant::now();
-    let report = fleetwave_sim::run(&scenario).context("building the artifact")?;
+    let mut last_line: Option<Instant> = None;
+    let report = fleetwave_sim::run_observed(&scenario, |p| {
+        let now = Instant::now();
+        if args.quiet || last_line.is_some_and(|t| now.duration_since(t) < PROGRESS_EVERY) {
+            return;
+        }
+        last_line = Some(now);
+        eprintln!("{}", progress_line(p));
+    })
+    .context("building the artifact")?;
     let wall = started.elapsed();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

@@ -288,6 +288,29 @@ pub struct Series {
     pub idle_holders: Vec<u32>,
 }
 
+/// Where a run stands: what [`simulate_observed`]'s observer gets at every sample (every
+/// `run.bucket` of simulated time). Simulated time and counters only, so watching a run never
+/// changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunProgress {
+    /// Simulated time (ns).
+    pub at: Time,
+    /// Events handled so far.
+    pub events: u64,
+    /// Hosts in the fleet.
+    pub hosts: u32,
+    /// Chunks in the artifact.
+    pub chunks: u32,
+    /// Pieces received so far, by hosts and caches (duplicates included).
+    pub pieces: u64,
+    /// Hosts holding every chunk.
+    pub complete: u32,
+    /// Hosts staged (every chunk verified, the release unpacked).
+    pub staged: u32,
+    /// Hosts the rollout counts as updated.
+    pub updated: u32,
+}
+
 /// The whole simulated world.
 pub struct World {
     sc: Scenario,
@@ -326,6 +349,8 @@ pub struct World {
     caches_done: u32,
     finished: bool,
     restarts_pending: u32,
+    /// The last sample's progress, until the run loop hands it to the observer.
+    sampled: Option<RunProgress>,
 }
 
 const NONE: Time = u64::MAX;
@@ -463,6 +488,7 @@ impl World {
             caches_done: 0,
             finished: false,
             restarts_pending: 0,
+            sampled: None,
             sc,
         }
     }
@@ -473,7 +499,12 @@ impl World {
     }
 
     /// Runs the scenario to its end and returns what happened.
-    pub fn run(mut self) -> Outcome {
+    pub fn run(self) -> Outcome {
+        self.run_observed(&mut |_| {})
+    }
+
+    /// [`run`](Self::run), handing `observer` the progress at every sample.
+    pub fn run_observed(mut self, observer: &mut dyn FnMut(&RunProgress)) -> Outcome {
         // The origin serves what it stores from the start.
         let full = Bitfield::full(self.art.chunk_count());
         let seed = self.seed_of(0);
@@ -499,6 +530,9 @@ impl World {
                 break;
             }
             self.handle(now, ev);
+            if let Some(p) = self.sampled.take() {
+                observer(&p);
+            }
         }
         self.finish()
     }
@@ -1861,6 +1895,16 @@ impl World {
         grow(&mut s.staging_down_use, b)[b] = down;
         grow(&mut s.holder_up_use, b)[b] = up;
         grow(&mut s.idle_holders, b)[b] = idle;
+        self.sampled = Some(RunProgress {
+            at: now,
+            events: self.q.popped(),
+            hosts: self.hosts_total,
+            chunks: self.art.chunk_count(),
+            pieces: self.out.traffic.pieces,
+            complete: self.complete_count,
+            staged: self.staged_count,
+            updated,
+        });
         if self.quiescent() {
             self.finished = true;
             return;
@@ -2000,9 +2044,19 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, i: usize) -> &mut Vec<T> {
 
 /// Runs `sc` over `art`.
 pub fn simulate(sc: Scenario, art: Artifact) -> Outcome {
+    simulate_observed(sc, art, &mut |_| {})
+}
+
+/// [`simulate`], handing `observer` the run's progress at every sample (for a progress line on
+/// long runs).
+pub fn simulate_observed(
+    sc: Scenario,
+    art: Artifact,
+    observer: &mut dyn FnMut(&RunProgress),
+) -> Outcome {
     let mut w = World::new(sc, art);
     w.prepare();
-    w.run()
+    w.run_observed(observer)
 }
 
 /// Seconds of `d`.

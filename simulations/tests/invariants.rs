@@ -11,6 +11,16 @@ fn scenario(name: &str) -> Scenario {
     Scenario::load(&path).expect("the scenario loads")
 }
 
+/// ci-small.toml at a quarter of its hosts, staging only: for tests that run it several times.
+fn small_stage_only() -> Scenario {
+    let mut sc = scenario("ci-small.toml");
+    for region in &mut sc.regions {
+        region.hosts /= 4;
+    }
+    sc.rollout.strategy = fleetwave_sim::scenario::StrategyKind::StageOnly;
+    sc
+}
+
 fn run(sc: &Scenario) -> Report {
     fleetwave_sim::run(sc).expect("the scenario runs")
 }
@@ -70,12 +80,8 @@ fn a_failed_canary_gate_leaves_every_host_on_the_previous_release() {
 
 #[test]
 fn the_same_seed_gives_the_same_report_and_another_seed_another() {
-    let mut sc = scenario("ci-small.toml");
     // A smaller fleet keeps the three runs quick; determinism does not depend on size.
-    for region in &mut sc.regions {
-        region.hosts /= 4;
-    }
-    sc.rollout.strategy = fleetwave_sim::scenario::StrategyKind::StageOnly;
+    let mut sc = small_stage_only();
     let a = run(&sc);
     let b = run(&sc);
     assert_eq!(a, b);
@@ -127,4 +133,24 @@ fn no_host_of_the_small_origin_bound_swarm_is_starved_of_peers() {
     assert!(ratio <= 1.3, "{}", r.summary());
     let (last, p50) = (region.complete_last.expect("last"), region.complete_p50.expect("p50"));
     assert!(last <= p50 * 1.15, "the last host far behind the median: {}", r.summary());
+}
+
+#[test]
+fn watching_a_run_sees_it_advance_to_the_end_and_changes_nothing() {
+    let sc = small_stage_only();
+    let mut seen = Vec::new();
+    let watched = fleetwave_sim::run_observed(&sc, |p| seen.push(*p)).expect("the scenario runs");
+    assert_eq!(watched, run(&sc), "an observer must not change the run");
+    let (first, last) = (seen.first().expect("samples"), seen.last().expect("samples"));
+    assert_eq!(first.at, 0);
+    assert!(seen.len() > 2, "a sample per bucket of simulated time: {}", seen.len());
+    for w in seen.windows(2) {
+        assert!(w[1].at > w[0].at, "{w:?}");
+        assert!(w[1].events >= w[0].events && w[1].pieces >= w[0].pieces, "{w:?}");
+        assert!(w[1].complete >= w[0].complete && w[1].staged >= w[0].staged, "{w:?}");
+    }
+    let hosts: u32 = sc.regions.iter().map(|r| r.hosts).sum();
+    assert_eq!(last.hosts, hosts);
+    // A stage-only run ends at the sample that finds every host staged.
+    assert_eq!(last.staged, last.hosts);
 }
