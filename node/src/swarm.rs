@@ -1412,11 +1412,6 @@ impl Scheduler {
         if !self.peer_gains(peer, index) {
             return Ok(());
         }
-        if let Some(p) = self.peers.get_mut(&peer).filter(|p| p.kind != PeerKind::Peer) {
-            // A source still filling up: its refusals so far say nothing about what it will
-            // have next, so the next pause is short again.
-            p.busy_streak = 0;
-        }
         let endgame = self.endgame();
         let useful = self.picker.is_wanted(index)
             && (self.picker.requests(index) == 0
@@ -2176,7 +2171,8 @@ impl Scheduler {
         self.set_state(id, state);
     }
 
-    /// `peer` advertises chunk `index`; returns whether that is news.
+    /// `peer` advertises chunk `index`; returns whether that is news (news from a source ends
+    /// its run of refusal pauses).
     fn peer_gains(&mut self, id: PeerId, index: ChunkIndex) -> bool {
         let n = self.table.chunk_count();
         let Some(p) = self.peers.get_mut(&id) else { return false };
@@ -2187,6 +2183,11 @@ impl Scheduler {
         let Bits::Partial(b) = &mut p.bits else { return false };
         if !b.insert(index) {
             return false;
+        }
+        if p.kind != PeerKind::Peer {
+            // A source still filling up: its refusals so far say nothing about what it will
+            // have next, so the next pause is short again.
+            p.busy_streak = 0;
         }
         if counted {
             self.picker.inc(index);
