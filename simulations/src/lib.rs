@@ -103,6 +103,6 @@ pub fn run_observed(
         scenario.artifact.chunk_avg.0 as u32,
         scenario.seed,
     )?;
-    let outcome = world::simulate_observed(scenario.clone(), art.clone(), &mut observer);
+    let outcome = world::simulate(scenario.clone(), art.clone(), &mut observer);
     Ok(Report::new(scenario, &art, &outcome))
 }

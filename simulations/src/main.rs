@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fleetwave_sim::RunProgress;
-
 use anyhow::Context;
 use clap::Parser;
+use fleetwave_sim::RunProgress;
 use fleetwave_sim::scenario::Scenario;
 
 /// Run one simulation scenario.

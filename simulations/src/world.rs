@@ -288,7 +288,7 @@ pub struct Series {
     pub idle_holders: Vec<u32>,
 }
 
-/// Where a run stands: what [`simulate_observed`]'s observer gets at every sample (every
+/// Where a run stands: what [`simulate`]'s observer gets at every sample (every
 /// `run.bucket` of simulated time). Simulated time and counters only, so watching a run never
 /// changes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -498,13 +498,9 @@ impl World {
         first..self.nodes.len() as u32
     }
 
-    /// Runs the scenario to its end and returns what happened.
-    pub fn run(self) -> Outcome {
-        self.run_observed(&mut |_| {})
-    }
-
-    /// [`run`](Self::run), handing `observer` the progress at every sample.
-    pub fn run_observed(mut self, observer: &mut dyn FnMut(&RunProgress)) -> Outcome {
+    /// Runs the scenario to its end and returns what happened, handing `observer` the progress
+    /// at every sample.
+    pub fn run(mut self, observer: &mut dyn FnMut(&RunProgress)) -> Outcome {
         // The origin serves what it stores from the start.
         let full = Bitfield::full(self.art.chunk_count());
         let seed = self.seed_of(0);
@@ -2042,21 +2038,12 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, i: usize) -> &mut Vec<T> {
     v
 }
 
-/// Runs `sc` over `art`.
-pub fn simulate(sc: Scenario, art: Artifact) -> Outcome {
-    simulate_observed(sc, art, &mut |_| {})
-}
-
-/// [`simulate`], handing `observer` the run's progress at every sample (for a progress line on
-/// long runs).
-pub fn simulate_observed(
-    sc: Scenario,
-    art: Artifact,
-    observer: &mut dyn FnMut(&RunProgress),
-) -> Outcome {
+/// Runs `sc` over `art`, handing `observer` the run's progress at every sample (for a progress
+/// line on long runs).
+pub fn simulate(sc: Scenario, art: Artifact, observer: &mut dyn FnMut(&RunProgress)) -> Outcome {
     let mut w = World::new(sc, art);
     w.prepare();
-    w.run_observed(observer)
+    w.run(observer)
 }
 
 /// Seconds of `d`.
