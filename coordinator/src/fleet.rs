@@ -8,7 +8,8 @@
 //!
 //! Each running deployment owns a [`Rollout`] engine. Every input of the engine (a host
 //! event derived from a heartbeat, a verdict, an operator command, a timeout) is appended to the
-//! deployment's log in the store *before* it is applied, with the `now` it was applied at. The
+//! deployment's log in the store *before* it is applied, with the `now` it was applied at
+//! (whole milliseconds: the engine never sees finer times than its log keeps). The
 //! engine's snapshot is written when the deployment starts and then every
 //! [`FleetConfig::snapshot_every`] inputs (the log up to it is then trimmed). On start the
 //! coordinator restores each deployment's last snapshot and replays its log: the engine is
@@ -247,6 +248,13 @@ pub struct Fleet {
 
 fn ms(now: Duration) -> u64 {
     u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The time an engine is given: whole milliseconds, as its log keeps it. An engine that saw
+/// the nanoseconds would decide at other inputs than its replay (a host's report 0.2 ms before
+/// a bake ends passes the wave in the replay only).
+fn engine_time(now: Duration) -> Duration {
+    Duration::from_millis(ms(now))
 }
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -829,6 +837,7 @@ impl Fleet {
 
     /// Logs `input`, applies it to deployment `id`'s engine and carries out what it decides.
     fn input(&mut self, id: u64, now: Duration, input: Input) -> Result<(), FleetError> {
+        let now = engine_time(now);
         let Some(live) = self.live.get_mut(&id) else { return Ok(()) };
         live.seq += 1;
         let seq = live.seq;
@@ -1008,7 +1017,7 @@ impl Fleet {
         let Some(record) = self.records.get(&id).cloned() else { return Ok(()) };
         let candidates = self.candidates(&record.spec.service);
         let plan = record.spec.plan(record.manifest, &candidates, id).and_then(|plan| {
-            Rollout::new(now, plan)
+            Rollout::new(engine_time(now), plan)
                 .map_err(|e| SpecError::Invalid { field: "plan", reason: e.to_string() })
         });
         let mut record = record;
@@ -1295,7 +1304,7 @@ impl Fleet {
         let mut probe = Rollout::restore(live.engine.snapshot())
             .map_err(|e| FleetError::Invalid(e.to_string()))?;
         probe
-            .handle_operator(now, command)
+            .handle_operator(engine_time(now), command)
             .map_err(|e| FleetError::NotApplicable(e.to_string()))?;
         self.audit(now, actor, action, Some(&record.spec.service), Some(id), comment)?;
         self.input(id, now, Input::Operator { command })
@@ -1583,5 +1592,108 @@ fn describe_notice(notice: &Notice, regions: &[String]) -> (&'static str, String
         }
         Notice::Done { stragglers } => ("rollout.done", format!("{stragglers} stragglers")),
         Notice::Aborted => ("rollout.aborted", String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ServiceActual;
+
+    /// The release deployed, and the one the hosts run before.
+    const M: ManifestId = ManifestId([7; 32]);
+    const OLD: ManifestId = ManifestId([6; 32]);
+
+    struct Host {
+        peer: PeerId,
+        sequence: u64,
+    }
+
+    /// `host` reports `M` staged and `active` serving, with that health.
+    fn report(
+        fleet: &mut Fleet,
+        now: Duration,
+        host: &mut Host,
+        active: ManifestId,
+        healthy: Option<bool>,
+    ) {
+        host.sequence += 1;
+        let actual = HostActual {
+            sequence: host.sequence,
+            staged: vec![M],
+            services: vec![ServiceActual {
+                service: "web".into(),
+                active: Some(active),
+                healthy,
+                ..ServiceActual::default()
+            }],
+            ..HostActual::default()
+        };
+        fleet.heartbeat(now, &host.peer, actual, &[]).expect("heartbeat");
+    }
+
+    /// The engine state as the live coordinator holds it.
+    fn state(fleet: &Fleet, id: u64) -> String {
+        serde_json::to_string(&fleet.live[&id].engine.snapshot()).expect("json")
+    }
+
+    /// Inputs arrive at any nanosecond, but the log keeps milliseconds: the engine must have
+    /// seen the time the log replays, or a restarted coordinator decides at another input
+    /// (a wave passed twice). Here a host outside the wave reports its health 0.2 ms before
+    /// the bake of the wave ends, within the same millisecond.
+    #[test]
+    fn a_reopened_fleet_replays_to_the_state_it_had_at_sub_millisecond_times() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = Duration::from_millis(1_800_000_000_000);
+        let at = |ms: u64, us: u64| base + Duration::from_millis(ms) + Duration::from_micros(us);
+        let config = FleetConfig::default();
+        let mut fleet =
+            Fleet::open(Store::open(dir.path()).expect("store"), config.clone(), at(0, 0))
+                .expect("fleet");
+        let mut hosts: Vec<Host> = (0..4)
+            .map(|i| {
+                let key = libp2p_identity::Keypair::generate_ed25519();
+                let peer = key.public().to_peer_id();
+                let public = key.public().encode_protobuf();
+                fleet
+                    .enroll(at(0, 0), peer, public, "r1".into(), "prod".into(), format!("h{i}"))
+                    .expect("enroll");
+                Host { peer, sequence: 0 }
+            })
+            .collect();
+        fleet.register_version(at(1, 0), "admin", "web", "1.0.0", M, 1).expect("register");
+        fleet.promote_version(at(1, 0), "admin", "web", "1.0.0", "prod", "").expect("promote");
+        let spec: DeploymentSpec = serde_json::from_value(serde_json::json!({
+            "service": "web", "version": "1.0.0", "environment": "prod", "strategy": "rolling",
+            "max_unavailable": "1", "bake": "300ms", "bake_first_region": "300ms",
+            "analysis": false
+        }))
+        .expect("spec");
+        let id = fleet.create_deployment(at(2, 500), "admin", spec).expect("deployment");
+        for h in &mut hosts {
+            report(&mut fleet, at(10, 500), h, OLD, None);
+        }
+        let first = (0..4)
+            .find(|&i| {
+                let number = fleet.host_by_peer(&hosts[i].peer).expect("enrolled").0;
+                fleet.desired_for(number).iter().any(|d| d.desired.active == Some(M))
+            })
+            .expect("a first wave");
+        // Settles at 100.5 ms: the bake ends at 400.5 ms.
+        report(&mut fleet, at(100, 500), &mut hosts[first], M, Some(true));
+        fleet.tick(at(200, 0)).expect("tick");
+        let other = (first + 1) % 4;
+        report(&mut fleet, at(400, 300), &mut hosts[other], OLD, Some(true));
+        let live = state(&fleet, id);
+        let view = fleet.deployment_view(id, at(401, 0)).expect("view");
+        // The engine counts whole milliseconds: the report in the bake's last one passes it.
+        assert_eq!(view.wave, 1, "{view:?}");
+        fleet.store().flush().expect("flush");
+        drop(fleet);
+        let fleet = Fleet::open(Store::open(dir.path()).expect("store"), config, at(401, 0))
+            .expect("reopened");
+        let again = fleet.deployment_view(id, at(401, 0)).expect("view");
+        assert_eq!((again.wave, &again.stage), (view.wave, &view.stage), "{again:?}");
+        assert_eq!(state(&fleet, id), live, "the replay reaches the state the engine had");
     }
 }
