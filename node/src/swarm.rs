@@ -21,6 +21,9 @@
 //! - **held**: durable on disk ([`Scheduler::handle_written`]). Only held chunks are announced
 //!   ([`Command::Announce`]) and served, so a peer never fetches a chunk this host could lose in
 //!   a crash. [`Scheduler::bitfield`] is the held set, to send to each newly connected peer.
+//!   With [`SwarmConfig::forward_arriving`], a wanted chunk is also announced and served from
+//!   its first bytes in ([`Scheduler::handle_piece_started`]) until its copy fails
+//!   ([`Command::Withdraw`]); the requesters verify what they receive as always.
 //!   A chunk is announced to the connected peers not known to hold it already (have
 //!   suppression: a region peer whose bitfield or haves show it is not told).
 //!
@@ -374,6 +377,14 @@ pub enum Command {
         /// Why.
         reason: BanReason,
     },
+    /// The arriving copy of this chunk failed (corrupt, or its sender stalled or went away)
+    /// before any copy was verified: abort every upload of it running (each reported with
+    /// [`Scheduler::handle_upload_done`]); the peers served ask again elsewhere. Only with
+    /// [`SwarmConfig::forward_arriving`].
+    Withdraw {
+        /// The chunk.
+        index: ChunkIndex,
+    },
     /// Ask the fleet-wide origin cap for a permit; answer with
     /// [`Scheduler::handle_permit_granted`] or [`Scheduler::handle_permit_denied`].
     RequestOriginPermit,
@@ -499,6 +510,13 @@ pub struct SwarmConfig {
     pub upload_slots: u32,
     /// Uploads served at once to one peer. Default 4: at least two peers share the slots.
     pub upload_slots_per_peer: u32,
+    /// Announce and serve a chunk from its first bytes in ([`Scheduler::handle_piece_started`])
+    /// instead of once it is durable: the copy is passed on while it arrives (cut-through), so
+    /// a chunk crosses the swarm in about a transfer time, not a transfer time a hop. The
+    /// shell streams the arriving bytes to the peers served, finishes each such upload only
+    /// once a verified copy of the chunk is here, and aborts them at [`Command::Withdraw`].
+    /// Default off.
+    pub forward_arriving: bool,
     /// Requests waiting for an upload slot. Default 32.
     pub upload_queue_len: u32,
     /// Longest wait in the upload queue before a `Busy` rejection. Default 2 s, well below the
@@ -573,6 +591,7 @@ impl Default for SwarmConfig {
             origin_permit_retry: Duration::from_secs(1),
             upload_slots: 8,
             upload_slots_per_peer: 4,
+            forward_arriving: false,
             upload_queue_len: 32,
             upload_queue_timeout: Duration::from_secs(2),
             seed_window: Duration::ZERO,
@@ -796,6 +815,9 @@ pub struct Progress {
     pub duplicates: Tally,
     /// Pieces that failed their hash.
     pub hash_mismatches: u64,
+    /// Chunks passed on while arriving whose arriving copy then failed
+    /// ([`Command::Withdraw`]).
+    pub withdrawn: u64,
     /// Requests that timed out.
     pub timeouts: u64,
     /// Chunks whose write failed.
@@ -866,6 +888,10 @@ pub struct Scheduler {
     have: Bitfield,
     /// Verified chunks being written, and where they came from.
     writing: BTreeMap<ChunkIndex, Source>,
+    /// With `forward_arriving`: wanted chunks whose first bytes are in, and from whom.
+    arriving: BTreeMap<ChunkIndex, PeerId>,
+    /// Chunks announced before they were held (arriving or being written).
+    announced_early: BTreeSet<ChunkIndex>,
     picker: Picker,
     peers: BTreeMap<PeerId, Peer>,
     /// Peers with requests outstanding or a back-off running: the only ones whose deadlines
@@ -1127,6 +1153,8 @@ impl Scheduler {
             now,
             have: local.clone(),
             writing: BTreeMap::new(),
+            arriving: BTreeMap::new(),
+            announced_early: BTreeSet::new(),
             picker: Picker::new(n, wanted),
             peers: BTreeMap::new(),
             timed: BTreeSet::new(),
@@ -1206,6 +1234,11 @@ impl Scheduler {
     /// Whether every chunk is held (verified and durable).
     pub fn is_complete(&self) -> bool {
         self.have.is_full()
+    }
+
+    /// Whether a verified copy of chunk `index` is here: held, or being written.
+    pub fn has_copy(&self, index: ChunkIndex) -> bool {
+        self.have.contains(index) || self.writing.contains_key(&index)
     }
 
     /// Counters by source and gauges.
@@ -1456,6 +1489,7 @@ impl Scheduler {
         match outcome {
             PieceOutcome::HashMismatch => {
                 self.progress.hash_mismatches += 1;
+                self.arrival_lost(peer, index);
                 let Some(p) = self.peers.get_mut(&peer) else { return Ok(PieceAction::Discard) };
                 p.hash_mismatches += 1;
                 if p.hash_mismatches >= self.config.ban.hash_mismatches {
@@ -1496,6 +1530,8 @@ impl Scheduler {
                     self.schedule(now, if saturated { None } else { Some(peer) });
                     return Ok(PieceAction::Discard);
                 }
+                // Uploads passing on an arriving copy finish from this one.
+                self.arriving.remove(&index);
                 let endgame_before = self.endgame();
                 let cancelled = self.cancel_requests(index);
                 self.picker.remove(index);
@@ -1527,6 +1563,7 @@ impl Scheduler {
         self.check_index(index)?;
         self.check_peer(peer)?;
         let requested = self.forget_request(peer, index).is_some();
+        self.arrival_lost(peer, index);
         match reason {
             RejectReason::Busy if requested => {
                 let mut backoff = self.config.busy_backoff;
@@ -1593,17 +1630,84 @@ impl Scheduler {
             Source::Origin => self.progress.origin.add(len),
         }
         // Have suppression (see `Command::Announce`): before `finish` forgets the bitfields.
-        let peers = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.kind != PeerKind::Peer || !p.bits.has(index))
-            .map(|(&id, _)| id)
-            .collect();
+        let peers =
+            if self.announced_early.remove(&index) { Vec::new() } else { self.unaware_of(index) };
         self.commands.push_back(Command::Announce { index, peers });
         if self.have.is_full() {
             self.finish();
         }
         Ok(())
+    }
+
+    /// The connected peers not known to hold chunk `index` (have suppression, see
+    /// [`Command::Announce`]).
+    fn unaware_of(&self, index: ChunkIndex) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.kind != PeerKind::Peer || !p.bits.has(index))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// The first bytes of chunk `index` arrived from `peer`, which we asked for it. With
+    /// [`SwarmConfig::forward_arriving`] the chunk is announced now and served from here on;
+    /// otherwise nothing changes.
+    pub fn handle_piece_started(
+        &mut self,
+        now: Duration,
+        peer: PeerId,
+        index: ChunkIndex,
+    ) -> Result<(), EventError> {
+        self.advance(now);
+        self.check_index(index)?;
+        self.check_peer(peer)?;
+        let asked =
+            self.peers.get(&peer).is_some_and(|p| p.in_flight.iter().any(|f| f.index == index));
+        if !self.config.forward_arriving
+            || !asked
+            || !self.picker.is_wanted(index)
+            || self.arriving.contains_key(&index)
+        {
+            return Ok(());
+        }
+        self.arriving.insert(index, peer);
+        if self.announced_early.insert(index) {
+            let peers = self.unaware_of(index);
+            self.commands.push_back(Command::Announce { index, peers });
+        }
+        Ok(())
+    }
+
+    /// Whether chunk `index` may be served: held, or (with `forward_arriving`) arriving or
+    /// being written.
+    fn servable(&self, index: ChunkIndex) -> bool {
+        self.have.contains(index)
+            || (self.config.forward_arriving
+                && (self.writing.contains_key(&index) || self.arriving.contains_key(&index)))
+    }
+
+    /// The request for `index` to `peer` ended without a verified copy: if that was the copy
+    /// arriving, the uploads passing it on are withdrawn.
+    fn arrival_lost(&mut self, peer: PeerId, index: ChunkIndex) {
+        if self.arriving.get(&index) != Some(&peer) {
+            return;
+        }
+        self.arriving.remove(&index);
+        if !self.picker.is_wanted(index) {
+            return;
+        }
+        self.announced_early.remove(&index);
+        self.progress.withdrawn += 1;
+        let reason = RejectReason::NotHave;
+        let commands = &mut self.commands;
+        self.uploads.queue.retain(|q| {
+            let keep = q.index != index;
+            if !keep {
+                commands.push_back(Command::Reject { peer: q.peer, index, reason });
+            }
+            keep
+        });
+        self.commands.push_back(Command::Withdraw { index });
     }
 
     /// Writing chunk `index` failed: it is wanted again.
@@ -1681,6 +1785,7 @@ impl Scheduler {
                     self.picker.remove_request(f.index);
                     self.in_flight.remove(kind);
                     self.commands.push_back(Command::Cancel { peer: id, index: f.index });
+                    self.arrival_lost(id, f.index);
                 }
                 self.progress.timeouts += expired as u64;
                 if kind == PeerKind::Peer {
@@ -1749,7 +1854,7 @@ impl Scheduler {
         let Some(p) = self.peers.get(&peer) else {
             return Err(EventError::UnknownPeer { peer });
         };
-        if !self.have.contains(index) {
+        if !self.servable(index) {
             let reason = RejectReason::NotHave;
             self.commands.push_back(Command::Reject { peer, index, reason });
             return Ok(());
@@ -2259,6 +2364,7 @@ impl Scheduler {
         for f in p.in_flight {
             self.picker.remove_request(f.index);
             self.in_flight.remove(p.kind);
+            self.arrival_lost(id, f.index);
         }
         self.uploads.active.retain(|&(peer, _)| peer != id);
         self.uploads.queue.retain(|q| q.peer != id);

@@ -325,6 +325,9 @@ impl Net {
                 self.nodes[i].permit = PermitModel::None;
                 self.permit_holders.remove(&i);
             }
+            Command::Withdraw { index } => {
+                panic!("node {i} withdraws chunk {index} without forward_arriving")
+            }
             Command::Complete => {
                 assert!(self.nodes[i].completed_at.is_none(), "node {i} completes twice");
                 assert!(self.nodes[i].core.is_complete());
@@ -1620,6 +1623,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                 Command::Complete => {
                     prop_assert!(core.is_complete());
                 }
+                Command::Withdraw { .. } => prop_assert!(false, "withdrawn without forwarding"),
                 Command::Announce { index, .. } => prop_assert!(core.has(index)),
                 Command::Serve { .. } | Command::Reject { .. } => {
                     prop_assert!(false, "nobody asked to be served")
@@ -1927,4 +1931,105 @@ fn a_source_that_announces_a_new_chunk_is_paused_briefly_again() {
     pending.extend(requests(&drain(&mut host)));
     assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b);
     assert_eq!(refuse_streak(&mut host, cache, &mut t, &mut pending), b * 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passing chunks on while they arrive (`forward_arriving`).
+
+/// A scheduler wanting 2 chunks that region peer `a` holds; `b` and `c` hold nothing. Returns
+/// it with the chunk asked of `a` first.
+fn forwarding(on: bool) -> (Scheduler, ChunkIndex) {
+    let n = 2;
+    let config = SwarmConfig { forward_arriving: on, ..quiet_config() };
+    let mut core = Scheduler::new(ms(0), table(n), &Bitfield::new(n), config, 4).expect("new");
+    for p in [PeerId(1), PeerId(2), PeerId(3)] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    core.handle_bitfield(ms(0), PeerId(1), bits(n, [0, 1])).expect("bits");
+    core.handle_bitfield(ms(0), PeerId(2), bits(n, [])).expect("bits");
+    core.handle_bitfield(ms(0), PeerId(3), bits(n, [])).expect("bits");
+    let asked = requests(&drain(&mut core));
+    let index = asked.iter().find(|(p, _)| *p == PeerId(1)).expect("a asked").1[0];
+    (core, index)
+}
+
+fn announces(cmds: &[Command]) -> Vec<(ChunkIndex, Vec<PeerId>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Announce { index, peers } => Some((*index, peers.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_arriving_chunk_is_announced_and_served_from_its_first_bytes() {
+    let (a, b, c) = (PeerId(1), PeerId(2), PeerId(3));
+    let (mut core, index) = forwarding(true);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    // Told to the peers that lack it, once.
+    assert_eq!(announces(&drain(&mut core)), vec![(index, vec![b, c])]);
+    core.handle_piece_started(ms(1), a, index).expect("again");
+    assert!(drain(&mut core).is_empty());
+    core.handle_request(ms(2), b, index).expect("request");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: b, index }]);
+    // Verified and written: not announced a second time.
+    assert_eq!(core.handle_piece(ms(3), a, index, PieceOutcome::Verified), Ok(PieceAction::Write));
+    drain(&mut core);
+    core.handle_request(ms(3), c, index).expect("request while written");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: c, index }]);
+    core.handle_written(ms(4), index).expect("written");
+    assert_eq!(announces(&drain(&mut core)), vec![(index, vec![])]);
+}
+
+#[test]
+fn without_forwarding_an_arriving_chunk_is_neither_announced_nor_served() {
+    let (a, b) = (PeerId(1), PeerId(2));
+    let (mut core, index) = forwarding(false);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    assert!(drain(&mut core).is_empty());
+    core.handle_request(ms(2), b, index).expect("request");
+    let reason = RejectReason::NotHave;
+    assert_eq!(drain(&mut core), vec![Command::Reject { peer: b, index, reason }]);
+}
+
+#[test]
+fn a_failed_arrival_withdraws_what_passes_it_on() {
+    let (a, b, c) = (PeerId(1), PeerId(2), PeerId(3));
+    let (mut core, index) = forwarding(true);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    drain(&mut core);
+    core.handle_request(ms(2), b, index).expect("request");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: b, index }]);
+    // The copy from a fails its hash: the upload to b is withdrawn, c is refused.
+    let action = core.handle_piece(ms(3), a, index, PieceOutcome::HashMismatch).expect("piece");
+    assert_eq!(action, PieceAction::Discard);
+    let cmds = drain(&mut core);
+    assert!(cmds.contains(&Command::Withdraw { index }), "{cmds:?}");
+    core.handle_upload_done(ms(3), b, index).expect("aborted upload ends");
+    core.handle_request(ms(4), c, index).expect("request");
+    let reason = RejectReason::NotHave;
+    assert!(drain(&mut core).contains(&Command::Reject { peer: c, index, reason }));
+}
+
+#[test]
+fn a_sender_lost_mid_piece_withdraws_and_a_verified_copy_from_elsewhere_does_not() {
+    let (a, b) = (PeerId(1), PeerId(2));
+    // Lost: a disconnects while the chunk arrives from it.
+    let (mut core, index) = forwarding(true);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    core.handle_request(ms(2), b, index).expect("request");
+    drain(&mut core);
+    core.handle_disconnected(ms(3), a).expect("gone");
+    assert!(drain(&mut core).contains(&Command::Withdraw { index }));
+    // Not lost: the copy arriving from a is overtaken by a verified one from b (which
+    // announced it meanwhile); the uploads finish from that copy.
+    let (mut core, index) = forwarding(true);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    core.handle_have(ms(1), b, index).expect("have");
+    drain(&mut core);
+    core.handle_piece(ms(2), b, index, PieceOutcome::Verified).ok();
+    core.handle_disconnected(ms(3), a).expect("gone");
+    let cmds = drain(&mut core);
+    assert!(!cmds.iter().any(|c| matches!(c, Command::Withdraw { .. })), "{cmds:?}");
 }

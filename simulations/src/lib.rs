@@ -39,6 +39,15 @@
 //!   Slow start, loss, retransmission and protocol overhead are not modelled (every flow runs
 //!   at its share from its first byte, and a piece is exactly its chunk's bytes); control
 //!   messages (requests, haves, bitfields) cost latency, not bandwidth.
+//! - **Passing chunks on while they arrive** (`[swarm] forward_arriving`, off by default; the
+//!   daemon does not do it yet). A host announces a chunk when its first bytes arrive (a
+//!   latency after the sender started) and serves it from then on. Such an upload is a flow
+//!   like any other; if it has carried the chunk's bytes before the sender's own copy is
+//!   verified, the receiver gets the piece a latency after that copy is (and the sender's
+//!   upload slot stays taken until then). If the sender's copy fails, its uploads of the chunk
+//!   are aborted and their receivers see the request refused (`NotHave`). **Error:** such a
+//!   flow runs at its fair share, not at the pace of the copy it passes on, so the sender's
+//!   uplink looks free from when the flow has carried its bytes until the copy is in.
 //! - **CPU and disk** are not modelled, except as fixed times: the whole-artifact check runs
 //!   at a configured rate after the last chunk, group commits every `sync_every`, and
 //!   activation and switching take configured times. Where the real system is CPU-bound (the

@@ -90,6 +90,8 @@ pub struct SwarmReport {
     pub duplicate_bytes: u64,
     /// Pieces that failed their hash.
     pub hash_mismatches: u64,
+    /// Chunks passed on while arriving whose arriving copy failed (`forward_arriving`).
+    pub withdrawn: u64,
     /// Peers banned.
     pub bans: u64,
     /// Requests timed out.
@@ -377,6 +379,7 @@ impl Report {
             from_disk: p.disk.bytes,
             duplicate_bytes: p.duplicates.bytes,
             hash_mismatches: p.hash_mismatches,
+            withdrawn: p.withdrawn,
             bans: p.bans,
             timeouts: p.timeouts,
             permits_granted: outcome.permits.0,
@@ -532,12 +535,13 @@ impl Report {
         let _ = writeln!(
             s,
             "hosts got {:.1} % from peers, {:.2} % from caches, {:.3} % from the origin; \
-             duplicates {:.2} %, {} hash mismatches, {} bans, {} timeouts",
+             duplicates {:.2} %, {} hash mismatches, {} withdrawn, {} bans, {} timeouts",
             100.0 * w.from_peers as f64 / total,
             100.0 * w.from_caches as f64 / total,
             100.0 * w.from_origin as f64 / total,
             100.0 * w.duplicate_bytes as f64 / total,
             w.hash_mismatches,
+            w.withdrawn,
             w.bans,
             w.timeouts
         );

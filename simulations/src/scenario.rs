@@ -225,6 +225,8 @@ pub struct SwarmParams {
     pub upload_slots: u32,
     /// Uploads a cache or the origin serves at once.
     pub source_upload_slots: u32,
+    /// Hosts pass a chunk on while it arrives (`SwarmConfig::forward_arriving`).
+    pub forward_arriving: bool,
     /// Super-seeding window of caches and the origin.
     #[serde(with = "humantime_serde")]
     pub seed_window: Duration,
@@ -255,6 +257,7 @@ impl Default for SwarmParams {
             cache_pull_in_flight: s.cache_pull_in_flight,
             upload_slots: s.upload_slots,
             source_upload_slots: s.source_upload_slots,
+            forward_arriving: false,
             seed_window: s.seed_window,
             back_to_source_delay: s.back_to_source_delay,
             origin_max_hosts: s.origin_max_hosts,
@@ -273,6 +276,7 @@ impl SwarmParams {
             max_in_flight_back_to_source: self.max_in_flight_back_to_source,
             upload_slots: self.upload_slots,
             back_to_source_delay: self.back_to_source_delay,
+            forward_arriving: self.forward_arriving,
             ..SwarmConfig::default()
         }
     }
@@ -284,6 +288,8 @@ impl SwarmParams {
         c.upload_slots_per_peer = self.source_upload_slots.max(1);
         c.upload_queue_len = self.source_upload_slots.saturating_mul(4);
         c.seed_window = self.seed_window;
+        // Sources have every chunk (a cache pulls through); they pass nothing on early.
+        c.forward_arriving = false;
         c
     }
 

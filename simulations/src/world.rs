@@ -10,6 +10,7 @@
 //! artifact, and report to the coordinator. Nothing of the schedulers' or the engine's decisions
 //! is reimplemented: the simulator only carries out their commands.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetwave_coordinator::rollout::{
@@ -88,21 +89,82 @@ enum Wire {
 enum Ev {
     Tick,
     FlowDone(FlowId),
-    Piece { from: u32, to: u32, inc: u32, index: u32, corrupt: bool },
-    Wire { from: u32, to: u32, inc: u32, msg: Wire },
-    Announce { from: u32, inc: u32, index: u32, list: u32 },
-    Timer { node: u32, generation: u32 },
-    Sync { node: u32, inc: u32 },
-    SourceRound { node: u32, inc: u32 },
-    PeerRound { node: u32, inc: u32 },
-    DiscoverReply { node: u32, inc: u32 },
-    DialTimeout { node: u32, inc: u32, peer: u32 },
-    Verified { node: u32, inc: u32 },
-    ActionDone { node: u32, generation: u32 },
-    Report { host: u32, inc: u32, rep: Rep },
-    Desired { host: u32, inc: u32, want: Want },
-    RolloutTimer { generation: u32 },
-    Verdict { gate: u32, fail: bool },
+    Piece {
+        from: u32,
+        to: u32,
+        inc: u32,
+        index: u32,
+        corrupt: bool,
+    },
+    /// The first bytes of chunk `index` reach `to` (`forward_arriving`).
+    Started {
+        from: u32,
+        to: u32,
+        inc: u32,
+        index: u32,
+    },
+    Wire {
+        from: u32,
+        to: u32,
+        inc: u32,
+        msg: Wire,
+    },
+    Announce {
+        from: u32,
+        inc: u32,
+        index: u32,
+        list: u32,
+    },
+    Timer {
+        node: u32,
+        generation: u32,
+    },
+    Sync {
+        node: u32,
+        inc: u32,
+    },
+    SourceRound {
+        node: u32,
+        inc: u32,
+    },
+    PeerRound {
+        node: u32,
+        inc: u32,
+    },
+    DiscoverReply {
+        node: u32,
+        inc: u32,
+    },
+    DialTimeout {
+        node: u32,
+        inc: u32,
+        peer: u32,
+    },
+    Verified {
+        node: u32,
+        inc: u32,
+    },
+    ActionDone {
+        node: u32,
+        generation: u32,
+    },
+    Report {
+        host: u32,
+        inc: u32,
+        rep: Rep,
+    },
+    Desired {
+        host: u32,
+        inc: u32,
+        want: Want,
+    },
+    RolloutTimer {
+        generation: u32,
+    },
+    Verdict {
+        gate: u32,
+        fail: bool,
+    },
     Fault(u32),
     Operator(u32),
     Restart(u32),
@@ -313,6 +375,9 @@ pub struct RunProgress {
 
 /// The whole simulated world.
 pub struct World {
+    /// Uploads of a chunk still arriving at their sender, sent in full and waiting for the
+    /// sender's own copy to be verified: by (sender, chunk), the receivers (`forward_arriving`).
+    waiting: HashMap<(u32, u32), Vec<u32>>,
     sc: Scenario,
     art: Artifact,
     q: Queue<Ev>,
@@ -457,6 +522,7 @@ impl World {
         let cache_cfg = sc.swarm.cache();
         let origin_cfg = sc.swarm.origin();
         Self {
+            waiting: HashMap::new(),
             art,
             q: Queue::default(),
             net,
@@ -746,6 +812,18 @@ impl World {
                 }
             }
             Ev::FlowDone(id) => self.flow_done(now, id),
+            Ev::Started { from, to, inc, index } => {
+                if self.live(to, inc) && self.connected(to, from) {
+                    if let Some(s) = self.nodes[to as usize].sched.as_mut() {
+                        if s.handle_piece_started(duration(now), PeerId(u64::from(from)), index)
+                            .is_err()
+                        {
+                            self.out.core_errors += 1;
+                        }
+                    }
+                    self.drain(to);
+                }
+            }
             Ev::Piece { from, to, inc, index, corrupt } => {
                 if self.live(to, inc) {
                     self.piece(now, from, to, index, corrupt);
@@ -1027,8 +1105,38 @@ impl World {
                     self.permits_in_use -= 1;
                 }
             }
+            Command::Withdraw { index } => self.withdraw(now, node, index),
             Command::Complete => self.complete(now, node),
         }
+    }
+
+    /// Whether `node` has a verified copy of chunk `index` to finish an upload from: sources
+    /// always (a cache pulls through), hosts once it is verified (written or being written).
+    fn has_copy(&self, node: u32, index: u32) -> bool {
+        let n = &self.nodes[node as usize];
+        n.role != Role::Host || n.sched.as_ref().is_none_or(|s| s.has_copy(index))
+    }
+
+    /// `node`'s arriving copy of chunk `index` failed: the uploads passing it on are reset
+    /// (their receivers see the chunk refused, `NotHave`) and their slots freed.
+    fn withdraw(&mut self, now: Time, node: u32, index: u32) {
+        let mut receivers = self.waiting.remove(&(node, index)).unwrap_or_default();
+        let (up, down) = (self.nodes[node as usize].up, self.nodes[node as usize].down);
+        for id in self.net.flows_of(up, down) {
+            if self.net.payload(id).is_some_and(|p| p.from == node && p.index == index) {
+                if let Some((p, sent)) = self.net.remove(now, id) {
+                    self.count_egress(now, p.from, p.to, sent);
+                    receivers.push(p.to);
+                }
+            }
+        }
+        for to in receivers {
+            if let Some(s) = self.nodes[node as usize].sched.as_mut() {
+                let _ = s.handle_upload_done(duration(now), PeerId(u64::from(to)), index);
+            }
+            self.send(node, to, Wire::Reject(index, RejectReason::NotHave));
+        }
+        self.drain(node);
     }
 
     /// Keeps `items` (a Request frame's chunks, a have broadcast's receivers) in `batches`
@@ -1067,6 +1175,11 @@ impl World {
             NO_LINK
         };
         let (up, down) = (self.nodes[node as usize].up, self.nodes[to as usize].down);
+        if self.sc.swarm.forward_arriving && self.nodes[to as usize].role == Role::Host {
+            let inc = self.nodes[to as usize].inc;
+            let lat = self.latency(node, to);
+            self.q.after(lat, Ev::Started { from: node, to, inc, index });
+        }
         let payload = Payload { from: node, to, index, bytes };
         let (_, new_slot, finish) = self.net.start(now, up, down, wan, payload);
         if new_slot {
@@ -1101,18 +1214,28 @@ impl World {
     fn flow_done(&mut self, now: Time, id: FlowId) {
         let Some((p, sent)) = self.net.remove(now, id) else { return };
         self.count_egress(now, p.from, p.to, sent);
-        if self.nodes[p.from as usize].alive {
-            if let Some(s) = self.nodes[p.from as usize].sched.as_mut() {
-                let _ = s.handle_upload_done(duration(now), PeerId(u64::from(p.to)), p.index);
-            }
-            self.drain(p.from);
+        if self.nodes[p.from as usize].alive && !self.has_copy(p.from, p.index) {
+            // Passed on while arriving: it ends when the sender's own copy is verified.
+            self.waiting.entry((p.from, p.index)).or_default().push(p.to);
+            return;
         }
-        if self.nodes[p.to as usize].alive {
-            let lat = self.latency(p.from, p.to);
-            let corrupt = self.nodes[p.from as usize].corrupt;
-            let inc = self.nodes[p.to as usize].inc;
-            let ev = Ev::Piece { from: p.from, to: p.to, inc, index: p.index, corrupt };
-            self.q.after(lat, ev);
+        self.upload_finished(now, p.from, p.to, p.index);
+    }
+
+    /// The upload of chunk `index` from `from` to `to` is over: the sender's slot is free,
+    /// the piece reaches the receiver a latency later.
+    fn upload_finished(&mut self, now: Time, from: u32, to: u32, index: u32) {
+        if self.nodes[from as usize].alive {
+            if let Some(s) = self.nodes[from as usize].sched.as_mut() {
+                let _ = s.handle_upload_done(duration(now), PeerId(u64::from(to)), index);
+            }
+            self.drain(from);
+        }
+        if self.nodes[to as usize].alive {
+            let lat = self.latency(from, to);
+            let corrupt = self.nodes[from as usize].corrupt;
+            let inc = self.nodes[to as usize].inc;
+            self.q.after(lat, Ev::Piece { from, to, inc, index, corrupt });
         }
     }
 
@@ -1143,6 +1266,10 @@ impl World {
         let Some(s) = self.nodes[to as usize].sched.as_mut() else { return };
         match s.handle_piece(duration(now), PeerId(u64::from(from)), index, outcome) {
             Ok(PieceAction::Write) => {
+                // The uploads that passed the copy on while it arrived finish now.
+                for d in self.waiting.remove(&(to, index)).unwrap_or_default() {
+                    self.upload_finished(now, to, d, index);
+                }
                 let len = u64::from(self.art.table.length(index));
                 let n = &mut self.nodes[to as usize];
                 n.pending.push(index);
@@ -1808,6 +1935,7 @@ impl World {
             let inc = self.nodes[p as usize].inc;
             self.q.after(idle, Ev::Wire { from: node, to: p, inc, msg: Wire::Disconnect });
         }
+        self.waiting.retain(|&(from, _), _| from != node);
         let n = &mut self.nodes[node as usize];
         n.alive = false;
         n.inc += 1;
@@ -1984,6 +2112,7 @@ impl World {
                 t.duplicates.chunks += p.duplicates.chunks;
                 t.duplicates.bytes += p.duplicates.bytes;
                 t.hash_mismatches += p.hash_mismatches;
+                t.withdrawn += p.withdrawn;
                 t.timeouts += p.timeouts;
                 t.bans += p.bans;
             }

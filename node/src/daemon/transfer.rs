@@ -669,6 +669,9 @@ impl Actor {
                 self.scheduler.handle_permit_granted(now);
             }
             Command::ReleaseOriginPermit => {}
+            // Only with `forward_arriving`, which the daemon does not turn on: it serves held
+            // chunks only, so no upload runs from a copy still arriving.
+            Command::Withdraw { .. } => {}
             Command::Complete => self.complete(),
         }
     }

@@ -671,9 +671,10 @@ impl Session {
                 Ok(Outbound::Queued)
             }
             Command::Ban { .. } => Ok(Outbound::Close(ErrorCode::BANNED)),
-            Command::RequestOriginPermit | Command::ReleaseOriginPermit | Command::Complete => {
-                Ok(Outbound::Nothing)
-            }
+            Command::RequestOriginPermit
+            | Command::ReleaseOriginPermit
+            | Command::Withdraw { .. }
+            | Command::Complete => Ok(Outbound::Nothing),
         }
     }
 
