@@ -1722,6 +1722,8 @@ impl Scheduler {
             return Err(EventError::NotWriting { index });
         }
         self.progress.write_failures += 1;
+        // Announced while it arrived: it is announced again once held.
+        self.announced_early.remove(&index);
         self.picker.insert(index);
         self.wanted_again(index);
         self.clear_exhausted();

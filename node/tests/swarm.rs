@@ -2033,3 +2033,21 @@ fn a_sender_lost_mid_piece_withdraws_and_a_verified_copy_from_elsewhere_does_not
     let cmds = drain(&mut core);
     assert!(!cmds.iter().any(|c| matches!(c, Command::Withdraw { .. })), "{cmds:?}");
 }
+
+#[test]
+fn a_chunk_announced_early_whose_write_fails_is_announced_again_once_held() {
+    let (a, b, c) = (PeerId(1), PeerId(2), PeerId(3));
+    let (mut core, index) = forwarding(true);
+    core.handle_piece_started(ms(1), a, index).expect("started");
+    core.handle_piece(ms(2), a, index, PieceOutcome::Verified).expect("piece");
+    drain(&mut core);
+    core.handle_write_failed(ms(3), index).expect("write failed");
+    // Asked again (of a, the only holder), arriving, written: b and c are told again.
+    assert!(
+        requests(&drain(&mut core)).iter().any(|(p, chunks)| *p == a && chunks.contains(&index))
+    );
+    core.handle_piece(ms(4), a, index, PieceOutcome::Verified).expect("piece again");
+    drain(&mut core);
+    core.handle_written(ms(5), index).expect("written");
+    assert_eq!(announces(&drain(&mut core)), vec![(index, vec![b, c])]);
+}

@@ -21,6 +21,14 @@ fn small_stage_only() -> Scenario {
     sc
 }
 
+/// Every live host holds the manifest's content, and no core refused an event.
+fn every_live_host_verified(r: &Report) {
+    let i = &r.invariants;
+    assert!(i.all_live_complete, "{}", r.summary());
+    assert!(i.all_verified, "{}", r.summary());
+    assert_eq!(i.core_errors, 0, "{}", r.summary());
+}
+
 fn run(sc: &Scenario) -> Report {
     fleetwave_sim::run(sc).expect("the scenario runs")
 }
@@ -29,10 +37,7 @@ fn run(sc: &Scenario) -> Report {
 fn a_canary_rollout_stages_verified_content_everywhere_and_updates_every_host() {
     let sc = scenario("ci-small.toml");
     let r = run(&sc);
-    let i = &r.invariants;
-    assert!(i.all_live_complete, "{}", r.summary());
-    assert!(i.all_verified, "{}", r.summary());
-    assert_eq!(i.core_errors, 0, "{}", r.summary());
+    every_live_host_verified(&r);
     // Corrupt hosts served bad chunks: every one was caught by the hash check and its sender
     // banned, and every host still ended with the manifest's content.
     assert!(r.swarm.hash_mismatches > 0, "{}", r.summary());
@@ -74,8 +79,7 @@ fn a_failed_canary_gate_leaves_every_host_on_the_previous_release() {
     assert_eq!(rollout.on_target, 0);
     assert_eq!(rollout.on_previous as u64, r.hosts);
     // Staging went on and finished regardless.
-    assert!(r.invariants.all_live_complete && r.invariants.all_verified);
-    assert_eq!(r.invariants.core_errors, 0);
+    every_live_host_verified(&r);
 }
 
 #[test]
@@ -170,10 +174,7 @@ fn hosts_passing_chunks_on_while_they_arrive_stage_verified_content_sooner() {
     let stored = run(&sc);
     sc.swarm.forward_arriving = true;
     let r = run(&sc);
-    let i = &r.invariants;
-    assert!(i.all_live_complete, "{}", r.summary());
-    assert!(i.all_verified, "{}", r.summary());
-    assert_eq!(i.core_errors, 0, "{}", r.summary());
+    every_live_host_verified(&r);
     assert!(r.swarm.hash_mismatches > 0, "{}", r.summary());
     assert!(r.swarm.withdrawn > 0, "a failed copy was withdrawn: {}", r.summary());
     assert_eq!(stored.swarm.withdrawn, 0);
