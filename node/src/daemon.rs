@@ -502,6 +502,7 @@ impl Inner {
             max_in_flight_back_to_source: s.max_in_flight_back_to_source,
             upload_slots: s.upload_slots,
             back_to_source_delay: s.back_to_source_delay,
+            forward_arriving: s.forward_arriving && self.config.role == Role::Host,
             ..SwarmConfig::default()
         };
         if self.config.role != Role::Host {

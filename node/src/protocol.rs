@@ -43,10 +43,16 @@
 //!   bounded by its upload slots and by the receiver's limit on unidirectional streams.
 //!
 //! Once it has written a piece header, the uploader sends the whole piece: it never resets a
-//! piece stream on its own (only by closing the connection). The header is the answer to a
-//! request, and a reset could discard it before it arrives, leaving the requester waiting for
-//! an answer that never comes. The requester may stop a piece stream (STOP_SENDING with
-//! `CANCELLED`), but only after reading its header, for the same reason.
+//! piece stream on its own (only by closing the connection), with one exception below. The
+//! header is the answer to a request, and a reset could discard it before it arrives, leaving
+//! the requester waiting for an answer that never comes. The requester may stop a piece stream
+//! (STOP_SENDING with `CANCELLED`), but only after reading its header, for the same reason.
+//!
+//! The exception: an uploader that passes a chunk on while it arrives
+//! ([`crate::swarm::SwarmConfig::forward_arriving`]) sends the bytes as they come and finishes
+//! the stream only once its own copy is verified. If that copy fails it resets the stream with
+//! `WITHDRAWN`: the requester takes it as `Reject{NOT_HAVE}` (or, if the reset discarded the
+//! header, its request times out and goes elsewhere).
 //!
 //! # Framing
 //!
@@ -170,6 +176,8 @@
 //! - 12 `TOO_MANY_PEERS`: the listener has no room for another peer. Try other peers.
 //! - 13 `DUPLICATE_CONNECTION`: a connection between the two identities exists already. Use
 //!   that one.
+//! - 14 `WITHDRAWN` (piece streams only): the uploader's copy of a chunk it was passing on
+//!   while it arrived failed. Not an error: as `Reject{NOT_HAVE}` for that chunk.
 //!
 //! # Errors, and what each side does
 //!
@@ -312,6 +320,8 @@ impl ErrorCode {
     pub const TOO_MANY_PEERS: Self = Self(12);
     /// A connection between the two identities exists already.
     pub const DUPLICATE_CONNECTION: Self = Self(13);
+    /// A piece passed on while it arrived is withdrawn: its sender's copy failed.
+    pub const WITHDRAWN: Self = Self(14);
 
     /// The code's name, if this version defines it.
     pub fn name(self) -> Option<&'static str> {
@@ -330,6 +340,7 @@ impl ErrorCode {
             Self::INTERNAL_ERROR => "INTERNAL_ERROR",
             Self::TOO_MANY_PEERS => "TOO_MANY_PEERS",
             Self::DUPLICATE_CONNECTION => "DUPLICATE_CONNECTION",
+            Self::WITHDRAWN => "WITHDRAWN",
             _ => return None,
         })
     }

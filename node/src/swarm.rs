@@ -1236,6 +1236,12 @@ impl Scheduler {
         self.have.is_full()
     }
 
+    /// The peer whose copy of chunk `index` is arriving and passed on meanwhile, if any
+    /// ([`SwarmConfig::forward_arriving`]).
+    pub fn arriving_from(&self, index: ChunkIndex) -> Option<PeerId> {
+        self.arriving.get(&index).copied()
+    }
+
     /// Whether a verified copy of chunk `index` is here: held, or being written.
     pub fn has_copy(&self, index: ChunkIndex) -> bool {
         self.have.contains(index) || self.writing.contains_key(&index)

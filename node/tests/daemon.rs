@@ -160,6 +160,56 @@ fn a_cache_and_eight_hosts_stage_64_mib_and_a_second_version_moves_only_changed_
 }
 
 #[test]
+fn hosts_pass_chunks_on_while_they_arrive_and_stage_verified_content() {
+    let fleet = Fleet::new();
+    let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);
+    let cache = fleet.cache("cache");
+    // Capped downloads keep pieces in flight long enough for peers to ask for them.
+    let forward = ["--forward-arriving", "--download-limit", "4000000"];
+    let hosts: Vec<Node> =
+        (0..4).map(|i| fleet.host(&format!("host{i}"), Some(&cache), &forward)).collect();
+    for host in &hosts {
+        assert_eq!(host.stage(&v1).0, 202);
+    }
+    let mut forwarded = 0;
+    for host in &hosts {
+        assert_same_tree(&src1, &host.wait_staged(&v1));
+        let totals = host.status().totals;
+        assert_eq!(totals.chunks_rejected, 0, "{}", host.name);
+        forwarded += totals.chunks_forwarded;
+    }
+    assert!(forwarded > 0, "no host passed a chunk on while it arrived");
+    assert!(hosts[0].metrics().contains("fleetwave_chunks_forwarded_total"));
+}
+
+#[test]
+fn a_corrupt_copy_passed_on_while_it_arrives_is_withdrawn_and_nobody_stages_it() {
+    let fleet = Fleet::new();
+    let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);
+    let cache = fleet.cache("cache");
+    let bad = fleet.host("bad", Some(&cache), &["--fault-corrupt-uploads"]);
+    assert_eq!(bad.stage(&v1).0, 202);
+    bad.wait_staged(&v1);
+    let forward = ["--forward-arriving", "--download-limit", "4000000"];
+    let hosts: Vec<Node> =
+        (0..4).map(|i| fleet.host(&format!("host{i}"), Some(&cache), &forward)).collect();
+    for host in &hosts {
+        assert_eq!(host.stage(&v1).0, 202);
+    }
+    let (mut rejected, mut withdrawn) = (0, 0);
+    for host in &hosts {
+        assert_same_tree(&src1, &host.wait_staged(&v1));
+        let totals = host.status().totals;
+        rejected += totals.chunks_rejected;
+        withdrawn += totals.chunks_withdrawn;
+    }
+    assert!(rejected > 0, "no host was offered a corrupt chunk");
+    // A host bans the corrupt peer at its first bad chunk; the other chunks arriving from it
+    // that it was passing on are withdrawn, and their receivers ask elsewhere.
+    assert!(withdrawn > 0, "no upload of a failed copy was withdrawn");
+}
+
+#[test]
 fn a_host_serving_corrupt_chunks_is_banned_and_nobody_stages_corruption() {
     let fleet = Fleet::new();
     let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);

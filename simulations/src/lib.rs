@@ -39,8 +39,8 @@
 //!   Slow start, loss, retransmission and protocol overhead are not modelled (every flow runs
 //!   at its share from its first byte, and a piece is exactly its chunk's bytes); control
 //!   messages (requests, haves, bitfields) cost latency, not bandwidth.
-//! - **Passing chunks on while they arrive** (`[swarm] forward_arriving`, off by default; the
-//!   daemon does not do it yet). A host announces a chunk when its first bytes arrive (a
+//! - **Passing chunks on while they arrive** (`[swarm] forward_arriving`, the daemon's option,
+//!   off by default). A host announces a chunk when its first bytes arrive (a
 //!   latency after the sender started) and serves it from then on. Such an upload is a flow
 //!   like any other; if it has carried the chunk's bytes before the sender's own copy is
 //!   verified, the receiver gets the piece a latency after that copy is (and the sender's

@@ -225,7 +225,7 @@ pub struct SwarmParams {
     pub upload_slots: u32,
     /// Uploads a cache or the origin serves at once.
     pub source_upload_slots: u32,
-    /// Hosts pass a chunk on while it arrives (`SwarmConfig::forward_arriving`).
+    /// Hosts pass a chunk on while it arrives.
     pub forward_arriving: bool,
     /// Super-seeding window of caches and the origin.
     #[serde(with = "humantime_serde")]
@@ -257,7 +257,7 @@ impl Default for SwarmParams {
             cache_pull_in_flight: s.cache_pull_in_flight,
             upload_slots: s.upload_slots,
             source_upload_slots: s.source_upload_slots,
-            forward_arriving: false,
+            forward_arriving: s.forward_arriving,
             seed_window: s.seed_window,
             back_to_source_delay: s.back_to_source_delay,
             origin_max_hosts: s.origin_max_hosts,

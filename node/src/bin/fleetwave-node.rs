@@ -95,6 +95,9 @@ struct RunArgs {
     /// Most region peers dialed per manifest.
     #[arg(long, env = "FLEETWAVE_MAX_PEERS")]
     max_peers: Option<usize>,
+    /// Hosts: pass chunks on while they arrive (`[swarm] forward_arriving`).
+    #[arg(long, env = "FLEETWAVE_FORWARD_ARRIVING")]
+    forward_arriving: bool,
     /// Test fault: corrupt every chunk served (test builds only).
     #[cfg(feature = "test-utils")]
     #[arg(long, hide = true)]
@@ -193,6 +196,9 @@ impl RunArgs {
         }
         if let Some(n) = self.max_peers {
             config.swarm.max_peers = n;
+        }
+        if self.forward_arriving {
+            config.swarm.forward_arriving = true;
         }
         Ok(config)
     }

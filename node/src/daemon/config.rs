@@ -185,6 +185,12 @@ pub struct SwarmSection {
     pub upload_slots: u32,
     /// Uploads served at once by a cache or the origin. Default 32.
     pub source_upload_slots: u32,
+    /// Hosts only: pass a chunk on to the peers that ask for it while it arrives, instead of
+    /// once it is verified and durable (each receiver still verifies it; a failed copy is
+    /// withdrawn). A chunk then crosses the swarm in about one transfer time instead of one a
+    /// hop. Hosts much slower than their peers hold those peers to their pace; see
+    /// docs/BENCHMARKS.md. Default false.
+    pub forward_arriving: bool,
     /// Super-seeding window of caches and the origin: a chunk just sent to one host is refused
     /// to other hosts for this long, so that they take it from that host. Default 1 s.
     #[serde(with = "humantime_serde")]
@@ -259,6 +265,7 @@ impl Default for SwarmSection {
             cache_pull_in_flight: 32,
             upload_slots: 8,
             source_upload_slots: 32,
+            forward_arriving: false,
             seed_window: Duration::from_secs(1),
             back_to_source_delay: Duration::from_millis(500),
             origin_max_hosts: 256,

@@ -61,6 +61,8 @@ struct Inner {
     served_chunks: Family<ToLabel, Counter>,
     verified: Counter,
     rejected: Counter,
+    forwarded: Counter,
+    withdrawn: Counter,
     banned: Counter,
     refused: Counter,
     peers: Gauge,
@@ -79,6 +81,10 @@ pub struct Totals {
     pub chunks_verified: u64,
     /// Received chunks that did not.
     pub chunks_rejected: u64,
+    /// Uploads that passed on a chunk still arriving (`forward_arriving`).
+    pub chunks_forwarded: u64,
+    /// Of those, uploads withdrawn because the arriving copy failed.
+    pub chunks_withdrawn: u64,
     /// Peers banned.
     pub peers_banned: u64,
     /// Peers refused for not proving the identity expected of them.
@@ -128,6 +134,18 @@ impl Metrics {
             "Received chunks failing their hash",
             rejected.clone(),
         );
+        let forwarded = Counter::default();
+        registry.register(
+            "chunks_forwarded",
+            "Uploads passing on a chunk still arriving",
+            forwarded.clone(),
+        );
+        let withdrawn = Counter::default();
+        registry.register(
+            "chunks_withdrawn",
+            "Uploads of an arriving chunk withdrawn because its copy failed",
+            withdrawn.clone(),
+        );
         let banned = Counter::default();
         registry.register("peers_banned", "Peers banned for bad chunks", banned.clone());
         let refused = Counter::default();
@@ -158,6 +176,8 @@ impl Metrics {
                 served_chunks,
                 verified,
                 rejected,
+                forwarded,
+                withdrawn,
                 banned,
                 refused,
                 peers,
@@ -186,6 +206,8 @@ impl Metrics {
                 .sum(),
             chunks_verified: self.inner.verified.get(),
             chunks_rejected: self.inner.rejected.get(),
+            chunks_forwarded: self.inner.forwarded.get(),
+            chunks_withdrawn: self.inner.withdrawn.get(),
             peers_banned: self.inner.banned.get(),
             peers_refused: self.inner.refused.get(),
             peers: self.inner.peers.get(),
@@ -214,6 +236,14 @@ impl Metrics {
 
     pub(crate) fn rejected(&self) {
         self.inner.rejected.inc();
+    }
+
+    pub(crate) fn forwarded(&self) {
+        self.inner.forwarded.inc();
+    }
+
+    pub(crate) fn withdrawn(&self) {
+        self.inner.withdrawn.inc();
     }
 
     pub(crate) fn banned(&self) {

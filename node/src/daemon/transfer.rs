@@ -9,6 +9,13 @@
 //! was requested, then reads, caps and hashes the bytes off the actor). Uploads run as one task
 //! per piece, bounded by the scheduler's upload slots.
 //!
+//! With `forward_arriving` (hosts), a chunk the scheduler passes on while it arrives gets an
+//! [`Arriving`] buffer: the piece's reader appends the bytes as they come, and each upload of
+//! the chunk streams them on, finishing once a copy is verified here (the actor checks that
+//! what was passed on is its prefix) or resetting with `WITHDRAWN` if the copy fails
+//! ([`Command::Withdraw`]). The buffer is dropped once the chunk is durable; the uploads under
+//! way keep it until they end.
+//!
 //! Time is a [`Duration`] since the actor started (tokio's clock, so paused-time tests work).
 
 use std::collections::{BTreeMap, HashSet};
@@ -19,7 +26,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fleetwave_chunker::{ChunkHash, Manifest, ManifestId, SignedManifest};
 use libp2p_identity::PeerId as Identity;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -98,13 +105,139 @@ pub(crate) struct Attach {
 #[derive(Debug)]
 enum Msg {
     Attach(Box<Attach>),
-    Control { peer: PeerId, generation: u64, bytes: Bytes },
-    PieceHeader { peer: PeerId, generation: u64, header: PieceHeader, reply: oneshot::Sender<bool> },
-    Piece { peer: PeerId, generation: u64, index: ChunkIndex, data: Bytes, hash: ChunkHash },
-    StreamError { peer: PeerId, generation: u64, code: ErrorCode, what: String },
-    UploadDone { peer: PeerId, index: ChunkIndex, bytes: u64, to_cache: bool, sent: bool },
-    Closed { peer: PeerId, generation: u64 },
-    Snapshot { reply: oneshot::Sender<Snapshot> },
+    Control {
+        peer: PeerId,
+        generation: u64,
+        bytes: Bytes,
+    },
+    PieceHeader {
+        peer: PeerId,
+        generation: u64,
+        header: PieceHeader,
+        reply: oneshot::Sender<HeaderReply>,
+    },
+    /// A piece stream reset by its sender with `WITHDRAWN` after its header.
+    Withdrawn {
+        peer: PeerId,
+        generation: u64,
+        index: ChunkIndex,
+    },
+    Piece {
+        peer: PeerId,
+        generation: u64,
+        index: ChunkIndex,
+        data: Bytes,
+        hash: ChunkHash,
+    },
+    StreamError {
+        peer: PeerId,
+        generation: u64,
+        code: ErrorCode,
+        what: String,
+    },
+    UploadDone {
+        peer: PeerId,
+        index: ChunkIndex,
+        bytes: u64,
+        to_cache: bool,
+        sent: bool,
+    },
+    Closed {
+        peer: PeerId,
+        generation: u64,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+/// The actor's answer to a piece stream's header.
+#[derive(Debug)]
+enum HeaderReply {
+    /// Not wanted (or the connection is gone): stop the stream.
+    Stop,
+    /// Read the piece; with `Some`, pass its bytes there as they come: the chunk is passed on
+    /// while it arrives.
+    Read(Option<Arc<Arriving>>),
+}
+
+/// Where a chunk being passed on while it arrives stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    /// Bytes are coming.
+    Receiving,
+    /// Every byte is in and a copy was verified: finish the uploads.
+    Verified,
+    /// The copy failed before any was verified: reset the uploads (`WITHDRAWN`).
+    Failed,
+}
+
+/// The bytes of a chunk arriving on one piece stream, for the uploads that pass it on
+/// (`forward_arriving`). Append-only; the reader feeds it, the uploads read it, the actor
+/// settles it.
+#[derive(Debug)]
+struct Arriving {
+    parts: Mutex<Vec<Bytes>>,
+    flow: watch::Sender<Flow>,
+}
+
+impl Arriving {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { parts: Mutex::new(Vec::new()), flow: watch::Sender::new(Flow::Receiving) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Bytes>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// More bytes of the piece, while it is arriving.
+    fn push(&self, bytes: Bytes) {
+        let mut parts = self.lock();
+        if *self.flow.borrow() == Flow::Receiving {
+            parts.push(bytes);
+            self.flow.send_modify(|_| {});
+        }
+    }
+
+    /// A verified copy of the chunk is here. The bytes passed on so far must be its prefix
+    /// (they may have come from another stream than the verified copy); then the rest is
+    /// added and the uploads finish. Otherwise they are withdrawn.
+    fn verified(&self, data: &Bytes) {
+        let mut parts = self.lock();
+        if *self.flow.borrow() != Flow::Receiving {
+            return;
+        }
+        let mut at = 0;
+        for p in parts.iter() {
+            if data.get(at..at + p.len()) != Some(&p[..]) {
+                self.flow.send_replace(Flow::Failed);
+                return;
+            }
+            at += p.len();
+        }
+        if at < data.len() {
+            parts.push(data.slice(at..));
+        }
+        self.flow.send_replace(Flow::Verified);
+    }
+
+    /// The copy failed before any was verified.
+    fn fail(&self) {
+        let _parts = self.lock();
+        self.flow.send_if_modified(|f| {
+            let failing = *f == Flow::Receiving;
+            if failing {
+                *f = Flow::Failed;
+            }
+            failing
+        });
+    }
+
+    /// The parts from `from` on, and where the piece stands.
+    fn parts_from(&self, from: usize) -> (Vec<Bytes>, Flow) {
+        let parts = self.lock();
+        (parts.get(from..).unwrap_or_default().to_vec(), *self.flow.borrow())
+    }
 }
 
 /// A transfer's state, for status.
@@ -212,6 +345,8 @@ struct Actor {
     sync_due: Option<Instant>,
     corrupt_uploads: bool,
     banned: HashSet<PeerId>,
+    /// Chunks passed on while they arrive, until written (`forward_arriving`).
+    arriving: BTreeMap<ChunkIndex, Arc<Arriving>>,
     on_complete: Option<OnComplete>,
     done: CancellationToken,
     started: Instant,
@@ -249,6 +384,7 @@ pub(crate) fn spawn(
         sync_due: None,
         corrupt_uploads: spec.corrupt_uploads,
         banned: HashSet::new(),
+        arriving: BTreeMap::new(),
         on_complete,
         done,
         started: epoch,
@@ -328,7 +464,19 @@ impl Actor {
                     },
                     None => false,
                 };
-                let _ = reply.send(ok);
+                let answer = if ok {
+                    HeaderReply::Read(self.piece_started(peer, header.index))
+                } else {
+                    HeaderReply::Stop
+                };
+                let _ = reply.send(answer);
+            }
+            Msg::Withdrawn { peer, generation, index } => {
+                if self.link(peer, generation).is_some() {
+                    let now = self.now();
+                    let reason = RejectReason::NotHave;
+                    let _ = self.scheduler.handle_rejected(now, peer, index, reason);
+                }
             }
             Msg::Piece { peer, generation, index, data, hash } => {
                 if self.link(peer, generation).is_none() {
@@ -482,6 +630,19 @@ impl Actor {
         }
     }
 
+    /// The first bytes of a piece from `peer` are coming: the scheduler decides whether the
+    /// chunk is passed on meanwhile; if so, the reader feeds the returned buffer.
+    fn piece_started(&mut self, peer: PeerId, index: ChunkIndex) -> Option<Arc<Arriving>> {
+        let now = self.now();
+        let _ = self.scheduler.handle_piece_started(now, peer, index);
+        if self.scheduler.arriving_from(index) != Some(peer) || self.arriving.contains_key(&index) {
+            return None;
+        }
+        let arriving = Arriving::new();
+        self.arriving.insert(index, arriving.clone());
+        Some(arriving)
+    }
+
     fn piece(&mut self, peer: PeerId, index: ChunkIndex, data: Bytes, hash: ChunkHash) {
         let Some(info) = self.manifest.chunks.get(index as usize) else { return };
         let outcome = if info.hash == hash && info.length as usize == data.len() {
@@ -496,6 +657,9 @@ impl Actor {
         let kind = self.links.get(&peer).and_then(|l| l.kind);
         match self.scheduler.handle_piece(now, peer, index, outcome) {
             Ok(PieceAction::Write) => {
+                if let Some(arriving) = self.arriving.get(&index) {
+                    arriving.verified(&data);
+                }
                 let written = self.write(index, &data, hash);
                 match written {
                     Ok(()) => {
@@ -567,12 +731,15 @@ impl Actor {
         match result {
             Ok(done) => {
                 for index in done {
+                    // Served from disk from now on; uploads under way finish from memory.
+                    self.arriving.remove(&index);
                     let _ = self.scheduler.handle_written(now, index);
                 }
             }
             Err((lost, err)) => {
                 warn!(%err, chunks = lost.len(), "cannot make chunks durable");
                 for index in lost {
+                    self.arriving.remove(&index);
                     let _ = self.scheduler.handle_write_failed(now, index);
                 }
             }
@@ -669,9 +836,11 @@ impl Actor {
                 self.scheduler.handle_permit_granted(now);
             }
             Command::ReleaseOriginPermit => {}
-            // Only with `forward_arriving`, which the daemon does not turn on: it serves held
-            // chunks only, so no upload runs from a copy still arriving.
-            Command::Withdraw { .. } => {}
+            &Command::Withdraw { index } => {
+                if let Some(arriving) = self.arriving.remove(&index) {
+                    arriving.fail();
+                }
+            }
             Command::Complete => self.complete(),
         }
     }
@@ -682,6 +851,27 @@ impl Actor {
             let _ = self.scheduler.handle_upload_done(now, peer, index);
             return;
         };
+        if let Some(arriving) = self.arriving.get(&index).cloned() {
+            // Passed on while it arrives: streamed from memory as the bytes come.
+            match link.session.send_command(&Command::Serve { peer, index }) {
+                Ok(Outbound::Piece(header)) => {
+                    self.shared.metrics.forwarded();
+                    let upload = Upload {
+                        conn: link.conn.clone(),
+                        header,
+                        tx: self.tx.clone(),
+                        peer,
+                        to_cache: link.kind == Some(PeerKind::Cache),
+                    };
+                    let metrics = self.shared.metrics.clone();
+                    tokio::spawn(upload_arriving(upload, arriving, metrics));
+                }
+                _ => {
+                    let _ = self.scheduler.handle_upload_done(now, peer, index);
+                }
+            }
+            return;
+        }
         let read = match self.backend.as_ref() {
             Some(Backend::Staging(job)) => job.read_chunk(index).map_err(|e| e.to_string()),
             Some(Backend::Staged(area)) => {
@@ -822,17 +1012,24 @@ async fn read_piece(
     let mut decoder = PieceDecoder::new();
     let mut buf = BytesMut::new();
     let mut header: Option<PieceHeader> = None;
+    let mut feed: Option<Arc<Arriving>> = None;
     let mut data = BytesMut::new();
     loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(None) => break,
                 Ok(Some(PieceData::Header(h))) => {
-                    let (reply, ok) = oneshot::channel();
+                    let (reply, answer) = oneshot::channel();
                     let msg = Msg::PieceHeader { peer, generation, header: h, reply };
-                    if tx.send(msg).await.is_err() || !ok.await.unwrap_or(false) {
-                        let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                    if tx.send(msg).await.is_err() {
                         return;
+                    }
+                    match answer.await {
+                        Ok(HeaderReply::Read(f)) => feed = f,
+                        Ok(HeaderReply::Stop) | Err(_) => {
+                            let _ = recv.stop(ErrorCode::CANCELLED.0.into());
+                            return;
+                        }
                     }
                     // The session checked the length against the manifest: at most 16 MiB.
                     data.reserve(h.length as usize);
@@ -840,6 +1037,9 @@ async fn read_piece(
                 }
                 Ok(Some(PieceData::Bytes(bytes))) => {
                     data.extend_from_slice(&bytes);
+                    if let Some(feed) = &feed {
+                        feed.push(bytes);
+                    }
                 }
                 Err(err) => {
                     let _ = tx.send(fail(err.code(), err.to_string())).await;
@@ -862,6 +1062,9 @@ async fn read_piece(
                     match decoder.decode_bytes(&mut bytes) {
                         Ok(Some(part)) => {
                             data.extend_from_slice(&part);
+                            if let Some(feed) = &feed {
+                                feed.push(part);
+                            }
                         }
                         Ok(None) => break,
                         Err(err) => {
@@ -872,6 +1075,13 @@ async fn read_piece(
                 }
             }
             Ok(None) => break,
+            Err(quinn::ReadError::Reset(code)) if code == ErrorCode::WITHDRAWN.0.into() => {
+                // A piece passed on while it arrived, whose sender's copy failed.
+                if let Some(h) = header {
+                    let _ = tx.send(Msg::Withdrawn { peer, generation, index: h.index }).await;
+                }
+                return;
+            }
             Err(err) => {
                 // A reset we did not ask for, or the connection went away.
                 let _ = tx.send(fail(ErrorCode::PROTOCOL_VIOLATION, err.to_string())).await;
@@ -888,6 +1098,56 @@ async fn read_piece(
     // them, and QUIC hands the bytes over a packet (about 1.2 KB) at a time.
     let hash = ChunkHash::of(&data);
     let msg = Msg::Piece { peer, generation, index: header.index, data: data.freeze(), hash };
+    let _ = tx.send(msg).await;
+}
+
+/// An upload's ends: where it goes, and whom to tell when it is over.
+struct Upload {
+    conn: Connection,
+    header: PieceHeader,
+    tx: mpsc::Sender<Msg>,
+    peer: PeerId,
+    to_cache: bool,
+}
+
+/// Streams a chunk that is still arriving, as its bytes come: finished once a copy of it is
+/// verified here, reset with `WITHDRAWN` if the copy fails.
+async fn upload_arriving(up: Upload, arriving: Arc<Arriving>, metrics: Metrics) {
+    let Upload { conn, header, tx, peer, to_cache } = up;
+    let mut flow = arriving.flow.subscribe();
+    let sent = async {
+        let mut send = conn.open_uni().await.ok()?;
+        let mut head = BytesMut::new();
+        Frame::Piece(header).encode(&mut head).ok()?;
+        send.write_all_chunks(&mut [head.freeze()]).await.ok()?;
+        let mut next = 0;
+        loop {
+            flow.borrow_and_update();
+            let (mut parts, state) = arriving.parts_from(next);
+            next += parts.len();
+            send.write_all_chunks(&mut parts).await.ok()?;
+            match state {
+                Flow::Verified => {
+                    send.finish().ok()?;
+                    return Some(true);
+                }
+                Flow::Failed => {
+                    metrics.withdrawn();
+                    let _ = send.reset(ErrorCode::WITHDRAWN.0.into());
+                    return Some(false);
+                }
+                Flow::Receiving => {
+                    if flow.changed().await.is_err() {
+                        return Some(false);
+                    }
+                }
+            }
+        }
+    }
+    .await
+    .unwrap_or(false);
+    let bytes = u64::from(header.length);
+    let msg = Msg::UploadDone { peer, index: header.index, bytes, to_cache, sent };
     let _ = tx.send(msg).await;
 }
 
