@@ -159,6 +159,26 @@ fn a_cache_and_eight_hosts_stage_64_mib_and_a_second_version_moves_only_changed_
     );
 }
 
+/// Publishes 16 MiB; a cache; a host ("bad") that stages it honestly, then serves every chunk
+/// with a flipped byte; and four hosts (with `extra` flags) told to stage it. The nodes are
+/// returned to keep them running: the cache and the bad host come first.
+fn four_hosts_beside_a_corrupt_one(
+    fleet: &Fleet,
+    extra: &[&str],
+) -> (ManifestId, PathBuf, [Node; 2], Vec<Node>) {
+    let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);
+    let cache = fleet.cache("cache");
+    let bad = fleet.host("bad", Some(&cache), &["--fault-corrupt-uploads"]);
+    assert_eq!(bad.stage(&v1).0, 202);
+    bad.wait_staged(&v1);
+    let hosts: Vec<Node> =
+        (0..4).map(|i| fleet.host(&format!("host{i}"), Some(&cache), extra)).collect();
+    for host in &hosts {
+        assert_eq!(host.stage(&v1).0, 202);
+    }
+    (v1, src1, [cache, bad], hosts)
+}
+
 #[test]
 fn hosts_pass_chunks_on_while_they_arrive_and_stage_verified_content() {
     let fleet = Fleet::new();
@@ -185,17 +205,8 @@ fn hosts_pass_chunks_on_while_they_arrive_and_stage_verified_content() {
 #[test]
 fn a_corrupt_copy_passed_on_while_it_arrives_is_withdrawn_and_nobody_stages_it() {
     let fleet = Fleet::new();
-    let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);
-    let cache = fleet.cache("cache");
-    let bad = fleet.host("bad", Some(&cache), &["--fault-corrupt-uploads"]);
-    assert_eq!(bad.stage(&v1).0, 202);
-    bad.wait_staged(&v1);
     let forward = ["--forward-arriving", "--download-limit", "4000000"];
-    let hosts: Vec<Node> =
-        (0..4).map(|i| fleet.host(&format!("host{i}"), Some(&cache), &forward)).collect();
-    for host in &hosts {
-        assert_eq!(host.stage(&v1).0, 202);
-    }
+    let (v1, src1, _cache, hosts) = four_hosts_beside_a_corrupt_one(&fleet, &forward);
     let (mut rejected, mut withdrawn) = (0, 0);
     for host in &hosts {
         assert_same_tree(&src1, &host.wait_staged(&v1));
@@ -212,17 +223,7 @@ fn a_corrupt_copy_passed_on_while_it_arrives_is_withdrawn_and_nobody_stages_it()
 #[test]
 fn a_host_serving_corrupt_chunks_is_banned_and_nobody_stages_corruption() {
     let fleet = Fleet::new();
-    let (v1, src1, _) = fleet.publish("1.0.0", 8, 2 * MIB, &[]);
-    let cache = fleet.cache("cache");
-    // The bad host stages honestly first, then serves every chunk with a flipped byte.
-    let bad = fleet.host("bad", Some(&cache), &["--fault-corrupt-uploads"]);
-    assert_eq!(bad.stage(&v1).0, 202);
-    bad.wait_staged(&v1);
-    let hosts: Vec<Node> =
-        (0..4).map(|i| fleet.host(&format!("host{i}"), Some(&cache), &[])).collect();
-    for host in &hosts {
-        assert_eq!(host.stage(&v1).0, 202);
-    }
+    let (v1, src1, _cache, hosts) = four_hosts_beside_a_corrupt_one(&fleet, &[]);
     let mut rejected = 0;
     let mut banned = 0;
     for host in &hosts {
