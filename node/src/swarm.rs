@@ -172,7 +172,8 @@
 //! nothing running or queued here: it displaces (`Busy`) the youngest queued request of the
 //! peer holding the most places, so every asking peer gets a turn (a seeding source turns its
 //! requesters over by its seed window instead). A free slot goes to the queued peer with the
-//! fewest uploads running, the oldest request among equals. Only held (durable) chunks are
+//! fewest uploads running; among equals, to the one holding the fewest chunks (the furthest
+//! behind), then to the oldest request. Only held (durable) chunks are
 //! served; banned peers never are. A source with a [`SwarmConfig::seed_window`] also refuses
 //! a chunk it has just sent to another host (see Sources).
 //!
@@ -1004,6 +1005,15 @@ impl Bits {
             Bits::Unknown => false,
             Bits::Partial(b) => b.contains(c),
             Bits::Full => true,
+        }
+    }
+
+    /// Chunks held (`u32::MAX` for `Full`, which asks for none).
+    fn held(&self) -> u32 {
+        match self {
+            Bits::Unknown => 0,
+            Bits::Partial(b) => b.count_ones(),
+            Bits::Full => u32::MAX,
         }
     }
 }
@@ -2018,12 +2028,22 @@ impl Scheduler {
 
     /// Starts queued uploads while slots are free, skipping peers at their per-peer limit.
     ///
-    /// The queued request of the peer with the fewest uploads from us goes first, the oldest
-    /// among equals: the slots spread over as many peers as ask, so no requester waits behind
-    /// another that already has a slot. First come first served let a peer that asked early
-    /// hold several slots while others timed out into `Busy`; in the 3,000-host simulation
-    /// this ordering (with the byte limits on requests in flight) took the last host from
-    /// 1.68-1.76x to 1.39-1.43x T_min.
+    /// The queued request of the peer with the fewest uploads from us goes first: the slots
+    /// spread over as many peers as ask, so no requester waits behind another that already
+    /// has a slot. First come first served let a peer that asked early hold several slots
+    /// while others timed out into `Busy`; in the 3,000-host simulation this ordering (with
+    /// the byte limits on requests in flight) took the last host from 1.68-1.76x to
+    /// 1.39-1.43x T_min.
+    ///
+    /// Among peers served alike, the one holding the fewest chunks (as far as its bitfield
+    /// and haves tell) goes first, then the oldest request: every host's download is its own
+    /// bound, so a host that fell behind early (few peers, a slow start) never catches up
+    /// unless it is served ahead of the others. Passing chunks on while they arrive, this
+    /// took the 3,000-host simulation (seeds 1, 2) from 1.160 / 1.162x to 1.141 / 1.142x
+    /// T_min and the 12,000-host one from 1.222x to 1.157x, the median host no later. First
+    /// by chunks held, then by uploads running, made every host later (1.23-1.24x). A
+    /// complete scheduler no longer tracks what peers hold; ordering its queue by it as well
+    /// changed nothing measurable there.
     fn serve_queue(&mut self) {
         while (self.uploads.active.len() as u32) < self.config.upload_slots {
             let per_peer = self.config.upload_slots_per_peer;
@@ -2035,10 +2055,10 @@ impl Scheduler {
                 .enumerate()
                 .filter_map(|(i, q)| {
                     let p = peers.get(&q.peer).filter(|p| p.uploads < per_peer)?;
-                    Some((p.uploads, i))
+                    Some((p.uploads, p.bits.held(), i))
                 })
                 .min()
-                .map(|(_, i)| i);
+                .map(|(_, _, i)| i);
             let Some(at) = next else { break };
             let Some(q) = self.uploads.queue.remove(at) else { break };
             self.start_upload(q.peer, q.index);

@@ -1185,6 +1185,42 @@ fn a_free_slot_goes_to_the_peer_served_least_then_to_the_oldest_request() {
 }
 
 #[test]
+fn among_peers_served_alike_a_free_slot_goes_to_the_one_holding_the_fewest_chunks() {
+    let n = 8;
+    let config = SwarmConfig {
+        upload_slots: 1,
+        upload_slots_per_peer: 1,
+        upload_queue_len: 8,
+        ..SwarmConfig::default()
+    };
+    // Still staging (chunk 0 is missing): a complete scheduler forgets what peers hold.
+    let mut core = Scheduler::new(ms(0), table(n), &bits(n, 1..n), config, 7).expect("new");
+    let (w, x, y, z) = (PeerId(1), PeerId(2), PeerId(3), PeerId(4));
+    for p in [w, x, y, z] {
+        core.handle_connected(ms(0), p, PeerKind::Peer).expect("connect");
+    }
+    core.handle_bitfield(ms(0), x, bits(n, [0, 1, 2])).expect("bits");
+    core.handle_bitfield(ms(0), y, bits(n, [3])).expect("bits");
+    core.handle_bitfield(ms(0), z, bits(n, [4, 5])).expect("bits");
+    drain(&mut core); // the requests for chunk 0
+    core.handle_request(ms(1), w, 1).expect("request"); // served
+    core.handle_request(ms(2), x, 3).expect("request"); // queued first
+    core.handle_request(ms(3), z, 6).expect("request"); // queued second
+    core.handle_request(ms(4), y, 7).expect("request"); // queued last
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: w, index: 1 }]);
+    // None of them has an upload running: y holds one chunk, z two, x three.
+    core.handle_upload_done(ms(10), w, 1).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: y, index: 7 }]);
+    // z announces two more chunks: x, with three, is now the furthest behind.
+    core.handle_have(ms(11), z, 1).expect("have");
+    core.handle_have(ms(11), z, 2).expect("have");
+    core.handle_upload_done(ms(20), y, 7).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: x, index: 3 }]);
+    core.handle_upload_done(ms(30), x, 3).expect("done");
+    assert_eq!(drain(&mut core), vec![Command::Serve { peer: z, index: 6 }]);
+}
+
+#[test]
 fn large_chunks_narrow_the_request_counts_to_the_byte_limits() {
     let n = 64;
     let config = SwarmConfig {
