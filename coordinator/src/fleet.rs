@@ -239,7 +239,6 @@ pub struct Fleet {
     current: BTreeMap<(String, String), u64>,
     /// Gate results, per deployment.
     gates: BTreeMap<u64, Vec<view::GateView>>,
-    audit_seq: u64,
     /// Automatic decisions not yet taken by [`Fleet::take_decisions`].
     decisions: Vec<AuditEntry>,
     /// Counters of the services in `config.external`, by service.
@@ -350,7 +349,6 @@ impl Fleet {
             live: BTreeMap::new(),
             current: BTreeMap::new(),
             gates: BTreeMap::new(),
-            audit_seq: 0,
             decisions: Vec::new(),
             external: HashMap::new(),
             store,
@@ -430,11 +428,10 @@ impl Fleet {
         deployment: Option<u64>,
         detail: impl Into<String>,
     ) -> Result<(), FleetError> {
-        self.audit_seq += 1;
         // Operator and API records take small sequence numbers, so they sort before what the
         // engine decided in the same millisecond, and never collide with the engine's (keyed
         // by deployment and log position, from 2^62).
-        let seq = self.audit_seq & ((1 << 62) - 1);
+        let seq = self.store.next_audit_seq()? & ((1 << 62) - 1);
         let entry = AuditEntry {
             at_ms: ms(now),
             actor: actor.to_owned(),
@@ -1641,6 +1638,28 @@ mod tests {
     /// seen the time the log replays, or a restarted coordinator decides at another input
     /// (a wave passed twice). Here a host outside the wave reports its health 0.2 ms before
     /// the bake of the wave ends, within the same millisecond.
+    #[test]
+    fn operator_records_written_after_a_restart_keep_those_written_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = Duration::from_millis(1_800_000_000_000);
+        let config = FleetConfig::default();
+        let open = || {
+            Fleet::open(Store::open(dir.path()).expect("store"), config.clone(), now)
+                .expect("fleet")
+        };
+        let mut fleet = open();
+        fleet.audit(now, "alice", "pause", Some("web"), None, "before").expect("audit");
+        fleet.store().flush().expect("flush");
+        drop(fleet);
+        // The clock shows the same millisecond after the restart (it stepped back).
+        let mut fleet = open();
+        fleet.audit(now, "bob", "resume", Some("web"), None, "after").expect("audit");
+        let ms = u64::try_from(now.as_millis()).expect("ms");
+        let records = fleet.store().audit_range(ms, ms, None, 10).expect("audit");
+        let actors: Vec<&str> = records.iter().map(|r| r.actor.as_str()).collect();
+        assert_eq!(actors, ["alice", "bob"]);
+    }
+
     #[test]
     fn a_reopened_fleet_replays_to_the_state_it_had_at_sub_millisecond_times() {
         let dir = tempfile::tempdir().expect("tempdir");

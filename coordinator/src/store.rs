@@ -812,6 +812,14 @@ impl Store {
 
     // ---- audit
 
+    /// A sequence number for an operator's or the API's audit record: increasing across
+    /// restarts of the coordinator (sled's persistent id generator), so that a record written
+    /// after a restart never takes the key of one written before it in the same millisecond
+    /// (as after the clock stepped back).
+    pub fn next_audit_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// Appends an audit record. `seq` tells apart records of the same millisecond; the same
     /// (time, seq) written twice is one record (replays after a restart are idempotent).
     pub fn audit(&self, seq: u64, entry: &AuditEntry) -> Result<(), StoreError> {
