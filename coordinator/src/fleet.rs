@@ -1634,10 +1634,6 @@ mod tests {
         serde_json::to_string(&fleet.live[&id].engine.snapshot()).expect("json")
     }
 
-    /// Inputs arrive at any nanosecond, but the log keeps milliseconds: the engine must have
-    /// seen the time the log replays, or a restarted coordinator decides at another input
-    /// (a wave passed twice). Here a host outside the wave reports its health 0.2 ms before
-    /// the bake of the wave ends, within the same millisecond.
     #[test]
     fn operator_records_written_after_a_restart_keep_those_written_before() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1660,6 +1656,10 @@ mod tests {
         assert_eq!(actors, ["alice", "bob"]);
     }
 
+    /// Inputs arrive at any nanosecond, but the log keeps milliseconds: the engine must have
+    /// seen the time the log replays, or a restarted coordinator decides at another input
+    /// (a wave passed twice). Here a host outside the wave reports its health 0.2 ms before
+    /// the bake of the wave ends, within the same millisecond.
     #[test]
     fn a_reopened_fleet_replays_to_the_state_it_had_at_sub_millisecond_times() {
         let dir = tempfile::tempdir().expect("tempdir");
